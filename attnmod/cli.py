@@ -1,0 +1,227 @@
+"""``attnmod`` command line: a thin layer over the library's verbs (blocks, generate, scan)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .loading import DEFAULT_MODEL, SCHEDULERS, ModelLoadError, load_pipeline, model_label
+
+
+def _size(text: str) -> tuple[int, int]:
+    try:
+        w, h = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"size must look like 512x512, got {text!r}") from None
+    if w <= 0 or h <= 0 or w % 8 or h % 8:
+        raise argparse.ArgumentTypeError(f"size must be positive multiples of 8, got {text!r}")
+    return w, h
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help="hub id, diffusers folder, .safetensors file, 'toy' (embedded, default) or 'tiny'")
+    p.add_argument("--config", help="diffusers folder/hub id with the configs of a single-file checkpoint")
+    p.add_argument("--device", help="cuda, mps or cpu (default: best available)")
+    p.add_argument("--dtype", help="fp16, bf16 or fp32 (default: fp16 on GPU, fp32 on CPU)")
+    p.add_argument("--scheduler", choices=sorted(SCHEDULERS), help="sampler (default: the model's own)")
+
+
+def _gen_args(p: argparse.ArgumentParser, many_prompts: bool = False) -> None:
+    _model_args(p)
+    p.add_argument("--prompt", required=True, action="append" if many_prompts else "store",
+                   help="text prompt" + (" (repeat for a prompt axis)" if many_prompts else ""))
+    p.add_argument("--negative-prompt", default="")
+    p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's)")
+    p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance (default: the model's)")
+    p.add_argument("--size", type=_size, default=None, help="WxH, multiples of 8 (default: the model's)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="attnmod", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("blocks", help="list the attention blocks of a model")
+    _model_args(p)
+    p.add_argument("--select", default="all", help="only blocks matching this selector (e.g. U*A2)")
+
+    p = sub.add_parser("generate", help="one image with AttnMod schedules on some blocks")
+    _gen_args(p)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--mod", action="append", default=[], metavar="BLOCK=START[:RATE[:ACCEL]]",
+                   help="e.g. U1A1A2=-5:0.2, 'D1*=[1,0.8,0.6]'; repeatable")
+    p.add_argument("--recipe", help="regenerate from a PNG written by attnmod (or its JSON recipe)")
+    p.add_argument("--out", required=True, help="output PNG")
+
+    p = sub.add_parser("scan", help="attention scan: a grid of start multiplier x rate (and more axes)")
+    _gen_args(p, many_prompts=True)
+    p.add_argument("--seed", default="0", help="seed axis: 0 or 0,1,2 or 0:9:10")
+    p.add_argument("--block", action="append", help="block axis, repeatable; A+B modifies A and B together")
+    p.add_argument("--start", default="1", help="start multipliers: a:b:n or v1,v2,... (1.0 always added)")
+    p.add_argument("--rate", default="0", help="rates per step: a:b:n or v1,v2,... (0 always added)")
+    p.add_argument("--accel", default="0", help="rate change per step: a:b:n or v1,v2,...")
+    p.add_argument("--setting", action="append", metavar="START:RATE[:ACCEL]",
+                   help="explicit settings as one axis instead of start x rate (repeatable; default tile first)")
+    p.add_argument("--x", help="axis along x (start, mod, rate, accel, seed, prompt, block)")
+    p.add_argument("--y", help="axis along y")
+    p.add_argument("--batch-size", type=int, default=8, help="images per pipeline call")
+    p.add_argument("--tile-px", type=int, default=None, help="display size of a tile in the grid")
+    p.add_argument("--out", required=True, help="output folder (re-running resumes)")
+
+    for name in ("generate", "scan"):
+        sub.choices[name].add_argument("--quiet", action="store_true", help="no progress bar")
+    try:
+        from .toy import cli as toy_cli
+    except ImportError:
+        toy_cli = None
+    if toy_cli is not None and hasattr(toy_cli, "register"):
+        toy_cli.register(sub)
+    return parser
+
+
+def _load(args):
+    pipe = load_pipeline(args.model, device=args.device, dtype=args.dtype, scheduler=args.scheduler,
+                         config=args.config)
+    return pipe
+
+
+def _base_recipe(args, pipe, prompt: str, seed: int = 0):
+    from .defaults import model_defaults
+    from .recipe import Recipe
+
+    d = model_defaults(pipe)
+    width, height = args.size or (d["width"], d["height"])
+    return Recipe(
+        prompt=prompt, negative_prompt=args.negative_prompt, seed=seed,
+        steps=args.steps or d["steps"], guidance=d["guidance"] if args.guidance is None else args.guidance,
+        width=width, height=height, model=model_label(args.model), scheduler=type(pipe.scheduler).__name__,
+    )
+
+
+def cmd_blocks(args) -> int:
+    from .blocks import resolve_blocks
+
+    pipe = _load(args)
+    blocks = resolve_blocks(pipe.unet, args.select)
+    width = max(len(b.short) for b in blocks)
+    for b in blocks:
+        print(f"{b.short:<{width}}  {b.name}  {b.kind}")
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from .generate import generate
+    from .modify import normalize_mods
+    from .recipe import Recipe, save_png
+    from .schedule import Schedule
+
+    pipe = _load(args)
+    if args.recipe:
+        recipe = _read_recipe(args.recipe)
+    else:
+        mods = {}
+        for text in args.mod:
+            block, sep, sched = text.partition("=")
+            if not sep:
+                raise ValueError(f"--mod expects BLOCK=START[:RATE[:ACCEL]], got {text!r}")
+            mods[block] = Schedule.parse(sched)
+        recipe = _base_recipe(args, pipe, args.prompt, args.seed).with_mods(normalize_mods(pipe.unet, mods))
+    image = generate(pipe, recipe)
+    from .blocks import list_blocks
+
+    path = save_png(image, args.out, recipe, {b.name: b.short for b in list_blocks(pipe.unet)})
+    print(f"wrote {path}")
+    return 0
+
+
+def _read_recipe(path: str):
+    import json
+
+    from .recipe import Recipe
+
+    if path.lower().endswith(".png"):
+        return Recipe.from_png(path)
+    return Recipe.from_dict(json.loads(Path(path).read_text()))
+
+
+def cmd_scan(args) -> int:
+    from .scan import Sweep, parse_values, run_scan
+    from .schedule import Schedule
+
+    sweep = Sweep(
+        prompts=tuple(args.prompt), seeds=tuple(parse_values(args.seed, int)),
+        blocks=tuple(args.block or ["U1A1A2"]), starts=tuple(parse_values(args.start)),
+        rates=tuple(parse_values(args.rate)), accels=tuple(parse_values(args.accel)),
+        settings=tuple(Schedule.parse(s) for s in args.setting) if args.setting else None, x=args.x, y=args.y,
+    )
+    pipe = _load(args)
+    base = _base_recipe(args, pipe, args.prompt[0])
+    from .scan import plan
+
+    tiles = plan(pipe, sweep, base)
+    unique = len({t.recipe.key for t in tiles})
+    x, y, sheets = sweep.layout()
+    print(f"scan: {len(tiles)} tiles ({unique} distinct images) x {base.steps} steps = "
+          f"{unique * base.steps} denoising steps; x={x}, y={y}" + (f", sheets by {', '.join(sheets)}" if sheets else ""))
+    title = f"{base.prompt!r} · seed {base.seed}" if len(sweep.prompts) == 1 and len(sweep.seeds) == 1 else ""
+    result = run_scan(pipe, sweep, base, out=args.out, batch_size=args.batch_size, progress=not args.quiet,
+                      tile_px=args.tile_px, title=title)
+    print(f"rendered {result.rendered} of {unique} images ({unique - result.pending_count} already done); "
+          f"sheets: {', '.join(str(p) for p in result.sheet_files)}")
+    if result.failed:
+        from .generate import describe
+
+        which = "; ".join(describe(t.recipe, result.short_names) for t in result.failed[:5])
+        print(f"error: {len(result.failed)} tile(s) came out non-finite (NaN/inf), not written: {which}",
+              file=sys.stderr)
+        return 3
+    return 0
+
+
+COMMANDS = {"blocks": cmd_blocks, "generate": cmd_generate, "scan": cmd_scan}
+
+
+_VALUE_OPTIONS = ("--start", "--rate", "--accel", "--setting", "--seed", "--mod")
+
+
+def _glue_negative_values(argv: list[str]) -> list[str]:
+    """``--start -20:50:8`` -> ``--start=-20:50:8`` (argparse would take -20:50:8 for an option)."""
+    out, i = [], 0
+    while i < len(argv):
+        if argv[i] in _VALUE_OPTIONS and i + 1 < len(argv) and argv[i + 1].startswith("-"):
+            out.append(f"{argv[i]}={argv[i + 1]}")
+            i += 2
+        else:
+            out.append(argv[i])
+            i += 1
+    return out
+
+
+def _quiet_libraries() -> None:
+    """The CLI's own output only: silence import-time notices of transformers/diffusers."""
+    import os
+    import warnings
+
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+
+
+def main(argv: list[str] | None = None) -> int:
+    _quiet_libraries()
+    parser = build_parser()
+    args = parser.parse_args(_glue_negative_values(list(sys.argv[1:] if argv is None else argv)))
+    handler = COMMANDS.get(args.command) or getattr(args, "handler", None)
+    try:
+        return handler(args) or 0
+    except (ValueError, ModelLoadError, FileNotFoundError) as e:
+        print(f"attnmod {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: finished tiles are kept; re-run the same command to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,128 @@
+"""Load a pipeline from a hub id, a local diffusers folder, a single ``.safetensors`` file, or by alias.
+
+Aliases: ``toy`` (the default) is the small model shipped inside the package; ``tiny`` and
+``tiny-sdxl`` build random tiny pipelines in-process (no weights, for demos and tests).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+EMBEDDED_MODEL = Path(__file__).parent / "models" / "toy"
+DEFAULT_MODEL = "toy"
+
+
+class ModelLoadError(ValueError):
+    """A model could not be found or read; the message says which and why."""
+
+
+SCHEDULERS = {
+    "ddim": "DDIMScheduler",
+    "pndm": "PNDMScheduler",
+    "euler": "EulerDiscreteScheduler",
+    "euler_a": "EulerAncestralDiscreteScheduler",
+    "dpm++": "DPMSolverMultistepScheduler",
+    "lms": "LMSDiscreteScheduler",
+    "unipc": "UniPCMultistepScheduler",
+}
+
+
+def best_device(device: str | None = None, dtype: str | torch.dtype | None = None) -> tuple[str, torch.dtype]:
+    """Defaults: CUDA with fp16, else MPS with fp16, else CPU with fp32."""
+    if device is None:
+        if torch.cuda.is_available():
+            device = "cuda"
+        elif getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            device = "mps"
+        else:
+            device = "cpu"
+    if dtype is None:
+        dtype = torch.float32 if device == "cpu" else torch.float16
+    elif isinstance(dtype, str):
+        names = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16,
+                 "float16": torch.float16, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+        if dtype not in names:
+            raise ValueError(f"unknown dtype {dtype!r}; choose one of {sorted(names)}")
+        dtype = names[dtype]
+    return device, dtype
+
+
+def set_scheduler(pipe, name: str) -> None:
+    """Swap the pipeline's scheduler for ``name`` (see ``SCHEDULERS``), keeping its config."""
+    import diffusers
+
+    if name not in SCHEDULERS:
+        raise ValueError(f"unknown scheduler {name!r}; choose one of {', '.join(SCHEDULERS)}")
+    pipe.scheduler = getattr(diffusers, SCHEDULERS[name]).from_config(pipe.scheduler.config)
+
+
+def is_sdxl_checkpoint(path: Path) -> bool:
+    """An original-format single file is SDXL when it holds the second text encoder's weights."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return any(k.startswith("conditioner.embedders.1.") for k in f.keys())
+
+
+def load_pipeline(model: str | None = None, *, device=None, dtype=None, scheduler: str | None = None,
+                  config: str | None = None):
+    """A stock diffusers pipeline for ``model`` on ``device``/``dtype`` (see module doc for forms).
+
+    ``config`` is a diffusers folder or hub id giving the component configs of a single-file
+    checkpoint (needed offline). The safety checker is not loaded.
+    """
+    from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    from . import tiny
+
+    device, dtype = best_device(device, dtype)
+    model = model or DEFAULT_MODEL
+    if model in ("tiny", "tiny-sdxl"):
+        pipe = tiny.tiny_sd15() if model == "tiny" else tiny.tiny_sdxl()
+        if dtype != torch.float32:
+            pipe = pipe.to(dtype=dtype)
+    else:
+        path = EMBEDDED_MODEL if model == DEFAULT_MODEL else Path(model).expanduser()
+        try:
+            if path.is_dir():
+                if not (path / "model_index.json").is_file():
+                    raise ModelLoadError(f"{path} is not a diffusers pipeline folder (no model_index.json)")
+                extra = {"safety_checker": None} if "safety_checker" in _index(path) else {}
+                pipe = DiffusionPipeline.from_pretrained(path, torch_dtype=dtype, **extra)
+            elif path.suffix in (".safetensors", ".ckpt"):
+                if not path.is_file():
+                    raise ModelLoadError(f"checkpoint file not found: {path}")
+                cls = StableDiffusionXLPipeline if is_sdxl_checkpoint(path) else StableDiffusionPipeline
+                extra = {"config": config} if config else {}
+                pipe = cls.from_single_file(str(path), torch_dtype=dtype, **extra)
+            elif model == DEFAULT_MODEL:
+                raise ModelLoadError(f"the embedded model is missing from {EMBEDDED_MODEL}; reinstall attnmod")
+            elif path.exists() or model.startswith((".", "/", "~")) or model.count("/") != 1:
+                raise ModelLoadError(f"no model at {model!r}: not a diffusers folder, .safetensors file or hub id")
+            else:
+                pipe = DiffusionPipeline.from_pretrained(model, torch_dtype=dtype, safety_checker=None)
+        except ModelLoadError:
+            raise
+        except Exception as e:  # diffusers raises OSError, ValueError, safetensors errors, ...
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ModelLoadError(f"cannot load model {model!r}: {reason}") from e
+    if scheduler:
+        set_scheduler(pipe, scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+def _index(path: Path) -> dict:
+    try:
+        return json.loads((path / "model_index.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ModelLoadError(f"{path}/model_index.json is unreadable: {e}") from e
+
+
+def model_label(model: str | None) -> str:
+    """A short name for recipes and grid titles."""
+    model = model or DEFAULT_MODEL
+    return Path(model).name if Path(model).exists() else model

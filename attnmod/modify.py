@@ -1,0 +1,175 @@
+"""AttnMod: scale the attention result of chosen UNet blocks by a per-step, per-image multiplier.
+
+What is multiplied is exactly what the authors' reference code multiplies: the attention result
+``softmax(QK^T/sqrt(d)) V`` with heads merged, *before* the output projection ``to_out`` — so the
+projection's bias is not scaled and the transformer block's residual stays outside. We get there
+without touching any processor: a forward pre-hook on ``attn.to_out[0]`` scales that Linear's input.
+It therefore composes with every stock processor (SDPA, xformers, sliced, LoRA-wrapped projections)
+and with other attnmod interventions that replace processors.
+
+The step is explicit state. A pre-forward hook on the UNet starts a new loop when the scheduler's
+``timesteps`` tensor is a new object (every pipeline call runs ``scheduler.set_timesteps``) and
+otherwise advances by one UNet call; callers that own their loop pass ``auto_step=False`` and call
+``set_step(i)``. Per-step multipliers are compiled once per loop into a (steps, images) table.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import torch
+
+from .blocks import resolve_blocks
+from .schedule import Schedule, as_schedule
+
+Mods = Mapping[str, object]  # block selector -> Schedule | number | (start, rate[, accel]) | "text"
+
+
+def normalize_mods(unet, mods: Mods) -> dict[str, Schedule]:
+    """``{"U1A1A2": -5, "M0A0*": (1, 0.2)}`` -> ``{full block name: Schedule}`` (selectors resolved)."""
+    out: dict[str, Schedule] = {}
+    for selector, value in mods.items():
+        schedule = as_schedule(value)
+        for block in resolve_blocks(unet, selector):
+            out[block.name] = schedule
+    return out
+
+
+def scale_attention_output(hidden: torch.Tensor, multiplier: torch.Tensor) -> torch.Tensor:
+    """AttnMod's operation: ``m * softmax(QK^T)V`` per image, before ``to_out``.
+
+    hidden: (B, N, C) merged-head attention result; multiplier: (B, 1, 1).
+    """
+    return hidden * multiplier
+
+
+class AttnMod:
+    """Context manager installing AttnMod on a pipeline (or a bare UNet); restores it on exit.
+
+    ``mods`` is one mapping for the whole batch, or a sequence of mappings, one per image of the
+    batch (a scan packs many settings into one batch). With classifier-free guidance the UNet batch
+    is a multiple of the number of images and each image's multiplier is applied to all its copies.
+    """
+
+    def __init__(self, target, mods: Mods | Sequence[Mods], *, auto_step: bool = True):
+        self.unet = getattr(target, "unet", target)
+        self._owner = target if hasattr(target, "scheduler") else None
+        per_image = [mods] if isinstance(mods, Mapping) else list(mods)
+        if not per_image:
+            raise ValueError("modify() needs at least one mapping of block -> schedule")
+        self.per_image = [normalize_mods(self.unet, m) for m in per_image]
+        names = {n for m in self.per_image for n in m}
+        self.blocks = [b for b in resolve_blocks(self.unet, "all") if b.name in names] if names else []
+        self.auto_step = auto_step
+        self._handles: list = []
+        self._tables: dict[str, torch.Tensor] = {}  # name -> (steps, images) on the UNet's device
+        self._neutral: dict[str, np.ndarray] = {}  # name -> (steps,) bool: every image at 1.0
+        self._current: dict[str, torch.Tensor | None] = {}  # name -> (B, 1, 1) for this step
+        self.reset()
+
+    # -- schedules ---------------------------------------------------------------------------------
+    def compile(self, num_steps: int) -> dict[str, np.ndarray]:
+        """Per-block multiplier tables of shape (num_steps, images), float64."""
+        return {
+            b.name: np.stack([m.get(b.name, Schedule()).compile(num_steps) for m in self.per_image], axis=1)
+            for b in self.blocks
+        }
+
+    def _loop_length(self) -> int:
+        """UNet calls in the scheduler's loop; without a scheduler, the longest list schedule."""
+        scheduler = getattr(self._owner, "scheduler", None)
+        timesteps = getattr(scheduler, "timesteps", None)
+        if timesteps is not None:
+            return len(timesteps) - (getattr(scheduler, "begin_index", None) or 0)
+        lengths = {len(s.values) for m in self.per_image for s in m.values() if s.values is not None}
+        if len(lengths) > 1:
+            raise ValueError(f"list schedules of different lengths {sorted(lengths)} in one run")
+        return lengths.pop() if lengths else 10_000
+
+    def start_loop(self, num_steps: int, device=None, dtype=None) -> None:
+        """Compile the schedules for a loop of ``num_steps`` UNet calls (done once per loop)."""
+        tables = self.compile(num_steps)
+        device = device or self.unet.device
+        self._tables = {n: torch.as_tensor(t, dtype=dtype or self.unet.dtype, device=device) for n, t in tables.items()}
+        self._neutral = {n: (t == 1.0).all(axis=1) for n, t in tables.items()}
+        self._num_steps = num_steps
+        self.step = -1
+
+    # -- the step ------------------------------------------------------------------------------------
+    def set_step(self, step: int, batch_size: int | None = None) -> None:
+        """Select the multipliers of ``step`` for a UNet batch of ``batch_size`` (images × CFG copies)."""
+        if not 0 <= step < self._num_steps:
+            raise ValueError(
+                f"UNet call #{step} but the schedules cover {self._num_steps} steps "
+                "(a list schedule needs one value per UNet call of the loop)"
+            )
+        images = len(self.per_image)
+        batch_size = batch_size or images
+        if batch_size % images:
+            raise ValueError(f"UNet batch of {batch_size} is not a multiple of the {images} per-image settings")
+        self.step = step
+        self._current = {
+            name: None if self._neutral[name][step] else table[step].repeat(batch_size // images).view(-1, 1, 1)
+            for name, table in self._tables.items()
+        }
+
+    def _on_unet_call(self, module, args, kwargs):
+        sample = args[0] if args else kwargs["sample"]
+        if self.auto_step:
+            timesteps = getattr(getattr(self._owner, "scheduler", None), "timesteps", None)
+            if self._num_steps is None or (timesteps is not None and timesteps is not self._loop_timesteps):
+                self._loop_timesteps = timesteps  # a new loop: set_timesteps made a new tensor
+                self.start_loop(self._loop_length(), sample.device)
+            self.set_step(self.step + 1, sample.shape[0])
+        elif self._num_steps is None or self.step < 0:
+            raise RuntimeError("with auto_step=False call start_loop(n) and set_step(i) before the UNet runs")
+        else:
+            self.set_step(self.step, sample.shape[0])
+        return None
+
+    def reset(self) -> None:
+        """Forget the current loop; the next UNet call starts a new one."""
+        self.step = -1
+        self._num_steps = None
+        self._loop_timesteps = None
+        self._tables, self._neutral, self._current = {}, {}, {}
+
+    def _scale_hook(self, name: str):
+        def hook(module, args):
+            multiplier = self._current.get(name)
+            if multiplier is None:
+                return None
+            hidden = args[0]
+            if multiplier.dtype != hidden.dtype:
+                multiplier = multiplier.to(hidden.dtype)
+            return (scale_attention_output(hidden, multiplier), *args[1:])
+
+        return hook
+
+    # -- install / restore ---------------------------------------------------------------------------
+    def __enter__(self) -> AttnMod:
+        if self._handles:
+            raise RuntimeError("this AttnMod is already installed")
+        modules = dict(self.unet.named_modules())
+        try:
+            self._handles.append(self.unet.register_forward_pre_hook(self._on_unet_call, with_kwargs=True))
+            for block in self.blocks:
+                to_out = modules[block.name].to_out[0]
+                self._handles.append(to_out.register_forward_pre_hook(self._scale_hook(block.name)))
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        self.reset()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        self._current = {}
+
+
+def modify(target, mods: Mods | Sequence[Mods], *, auto_step: bool = True) -> AttnMod:
+    """``with attnmod.modify(pipe, {"U1A1A2": Schedule(start=-5, rate=0.2)}): pipe(prompt)``."""
+    return AttnMod(target, mods, auto_step=auto_step)

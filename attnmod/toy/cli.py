@@ -1,0 +1,97 @@
+"""``train-toy`` and ``eval-toy`` subcommands: thin argparse layers over ``train`` and ``evaluate``.
+
+``register(subparsers)`` adds both to an existing CLI; ``main(argv)`` runs them standalone
+(``python -m attnmod.toy.cli train-toy ...``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import replace
+
+from attnmod.toy.model import SHIPPED
+
+
+def _train(args: argparse.Namespace) -> int:
+    from attnmod.toy.train import TrainConfig, train
+
+    cfg = TrainConfig()
+    overrides = {k: getattr(args, k) for k in ("seed", "steps", "vae_steps", "batch", "lr", "cache_size",
+                                               "export_every", "ckpt_every") if getattr(args, k) is not None}
+    cfg = replace(cfg, **overrides)
+    t0 = time.time()
+    last = {}
+
+    def log(info: dict) -> None:
+        last.update(info)
+        if args.log_every and info["step"] % args.log_every == 0:
+            print(json.dumps({**info, "wall_s": round(time.time() - t0, 1)}), flush=True)
+
+    export_to = None if args.no_export else args.export
+    train(cfg, workdir=args.workdir, export_to=export_to, device=args.device, progress=not args.no_progress,
+          callback=log)
+    print(json.dumps({"done": True, **last, "wall_s": round(time.time() - t0, 1)}), flush=True)
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from attnmod.toy.evaluate import EvalConfig, evaluate
+
+    cfg = EvalConfig(n_prompts=args.n, steps=args.steps, guidance=args.guidance,
+                     sweep=tuple(args.sweep) if args.sweep else (), seed=args.seed)
+    result = evaluate(args.model, cfg, progress=not args.no_progress)
+    text = json.dumps(result.to_dict(), indent=2)
+    print(text)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text + "\n")
+    return 0
+
+
+def register(subparsers) -> None:
+    """Add ``train-toy`` and ``eval-toy`` to an ``argparse`` subparsers object."""
+    p = subparsers.add_parser("train-toy", help="train (or resume) the embedded toy model",
+                              description="Train the toy model: VAE, then UNet + text encoder. Resumes from "
+                                          "WORKDIR/ckpt.pt when present.")
+    p.add_argument("--workdir", default=".train", help="checkpoints and latent cache (default: .train)")
+    p.add_argument("--export", default=str(SHIPPED), help="folder the pipeline is exported to (default: shipped model)")
+    p.add_argument("--no-export", action="store_true", help="do not export the pipeline")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--steps", type=int, help="UNet + text-encoder steps in total (default 20000)")
+    p.add_argument("--vae-steps", type=int, help="VAE steps in total (default 1500)")
+    p.add_argument("--batch", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--cache-size", type=int)
+    p.add_argument("--export-every", type=int)
+    p.add_argument("--ckpt-every", type=int)
+    p.add_argument("--device", help="cuda / cpu (default: cuda when available)")
+    p.add_argument("--log-every", type=int, default=100, help="print a JSON line every N steps (0: never)")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_train)
+
+    e = subparsers.add_parser("eval-toy", help="measure how faithfully the toy model follows prompts",
+                              description="Generate images for held-out prompts and check colour, background, "
+                                          "position and shape from the images alone.")
+    e.add_argument("--model", default=str(SHIPPED), help="diffusers folder (default: shipped toy model)")
+    e.add_argument("--n", type=int, default=100, help="prompts per object count (default 100)")
+    e.add_argument("--steps", type=int, default=20)
+    e.add_argument("--guidance", type=float, default=None, help="default: the model's default guidance")
+    e.add_argument("--sweep", type=float, nargs="*", help="guidance scales to sweep (1-object prompts)")
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--out", help="also write the JSON result here")
+    e.add_argument("--no-progress", action="store_true")
+    e.set_defaults(func=_eval)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m attnmod.toy.cli")
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

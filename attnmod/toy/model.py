@@ -1,0 +1,131 @@
+"""The toy text-to-image model: SD1.5's layout, narrow, as stock diffusers/transformers components.
+
+``build(cfg)`` returns untrained components; ``save_pipeline`` writes them as a complete diffusers
+Stable Diffusion folder that ``StableDiffusionPipeline.from_pretrained(folder)`` loads offline.
+
+Layout (SD1.5's, narrower): 64×64 RGB ↔ 4×16×16 latents (VAE ×4); UNet with 3
+``CrossAttnDownBlock2D`` + ``DownBlock2D``, ``UNetMidBlock2DCrossAttn``, ``UpBlock2D`` + 3
+``CrossAttnUpBlock2D`` and 2 layers per block, so it has SD1.5's 32 attention processors under the
+same names; a 2-layer CLIP text encoder over a word-level CLIP tokenizer (one token per word of
+``dataset.vocabulary()``); DDIM with v-prediction and SD's scaled-linear betas.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+from attnmod.tokenizer import build_clip_tokenizer
+from attnmod.toy.dataset import vocabulary
+
+SHIPPED = Path(__file__).resolve().parent.parent / "models" / "toy"  # the packaged default model
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    unet_channels: tuple[int, ...] = (32, 64, 64, 64)
+    heads: int = 8  # diffusers' ``attention_head_dim`` (legacy name: it is the number of heads)
+    text_dim: int = 64  # CLIP hidden size = cross-attention dim
+    text_layers: int = 2
+    text_heads: int = 4
+    max_length: int = 32  # tokens per prompt; the longest grammar caption is 26
+    vae_channels: tuple[int, ...] = (32, 64, 64)  # 3 blocks → ×4 downsampling
+    latent_channels: int = 4
+    image_size: int = 64
+    groups: int = 16
+
+    def __post_init__(self):
+        if len(self.unet_channels) != 4:
+            raise ValueError("unet_channels needs 4 entries (SD1.5 layout: 3 cross-attn down blocks + 1 plain)")
+        if len(self.vae_channels) != 3:
+            raise ValueError("vae_channels needs 3 entries (×4 downsampling)")
+
+
+TINY = ModelConfig(unet_channels=(16, 16, 16, 16), heads=2, text_dim=16, text_heads=2, text_layers=1,
+                   vae_channels=(8, 8, 8), groups=8)  # for tests
+
+
+def build_tokenizer(max_length: int = 32) -> CLIPTokenizer:
+    with tempfile.TemporaryDirectory() as tmp:
+        return build_clip_tokenizer(tmp, vocabulary(), max_length=max_length)
+
+
+def build_vae(cfg: ModelConfig) -> AutoencoderKL:
+    n = len(cfg.vae_channels)
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=cfg.latent_channels,
+        down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n,
+        block_out_channels=cfg.vae_channels, layers_per_block=1, norm_num_groups=min(cfg.groups, cfg.vae_channels[0]),
+        sample_size=cfg.image_size,
+    )
+
+
+def build_unet(cfg: ModelConfig) -> UNet2DConditionModel:
+    return UNet2DConditionModel(
+        sample_size=cfg.image_size // 4, in_channels=cfg.latent_channels, out_channels=cfg.latent_channels,
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        block_out_channels=cfg.unet_channels, layers_per_block=2, attention_head_dim=cfg.heads,
+        cross_attention_dim=cfg.text_dim, norm_num_groups=min(cfg.groups, cfg.unet_channels[0]),
+    )
+
+
+def build_text_encoder(cfg: ModelConfig, vocab_size: int) -> CLIPTextModel:
+    return CLIPTextModel(CLIPTextConfig(
+        vocab_size=vocab_size, hidden_size=cfg.text_dim, intermediate_size=4 * cfg.text_dim,
+        num_hidden_layers=cfg.text_layers, num_attention_heads=cfg.text_heads,
+        max_position_embeddings=cfg.max_length, projection_dim=cfg.text_dim,
+        bos_token_id=0, eos_token_id=1, pad_token_id=1,
+    ))
+
+
+def build_scheduler() -> DDIMScheduler:
+    """SD's scaled-linear betas, v-prediction, trailing timesteps (the last step starts at t=999)."""
+    return DDIMScheduler(
+        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+        prediction_type="v_prediction", clip_sample=False, set_alpha_to_one=False, steps_offset=1,
+        timestep_spacing="trailing",
+    )
+
+
+@dataclass
+class Components:
+    vae: AutoencoderKL
+    unet: UNet2DConditionModel
+    text_encoder: CLIPTextModel
+    tokenizer: CLIPTokenizer
+    scheduler: DDIMScheduler
+
+
+def build(cfg: ModelConfig = ModelConfig()) -> Components:
+    tok = build_tokenizer(cfg.max_length)
+    return Components(build_vae(cfg), build_unet(cfg), build_text_encoder(cfg, len(tok)), tok, build_scheduler())
+
+
+def pipeline(c: Components) -> StableDiffusionPipeline:
+    return StableDiffusionPipeline(
+        vae=c.vae, text_encoder=c.text_encoder, tokenizer=c.tokenizer, unet=c.unet, scheduler=c.scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+
+
+def save_pipeline(c: Components, folder: str | Path) -> Path:
+    """Write a complete diffusers SD folder (safetensors), replacing ``folder`` atomically-ish."""
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    pipeline(c).save_pretrained(tmp, safe_serialization=True)
+    old = folder.with_name(f".{folder.name}.old")
+    if old.exists():
+        shutil.rmtree(old)
+    if folder.exists():
+        folder.rename(old)
+    tmp.rename(folder)
+    if old.exists():
+        shutil.rmtree(old)
+    return folder

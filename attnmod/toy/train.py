@@ -1,0 +1,276 @@
+"""Train the toy model: the VAE first, then the UNet and text encoder jointly (v-prediction).
+
+``train(cfg, workdir, export)`` is seeded and resumable: ``workdir/ckpt.pt`` holds the phase, step,
+models, EMA, optimizer and RNG state, and calling ``train`` again with the same ``workdir``
+continues where it stopped, bit-identically to an uninterrupted run (CPU; same thread count).
+The UNet phase trains on a cache of VAE latents of ``cache_size`` generated images (built once,
+saved in ``workdir``). Every ``export_every`` steps the EMA weights are written to ``export`` as a
+complete diffusers folder, so there is always a usable model. Progress goes to a tqdm bar
+(``progress=False`` silences it) and to ``callback(dict)``.
+
+Seeds: training images use seeds below ``EVAL_SEED0``; ``evaluate`` uses seeds from it upwards.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from attnmod.toy import dataset
+from attnmod.toy.model import SHIPPED, Components, ModelConfig, build, save_pipeline
+
+EVAL_SEED0 = 10_000_000
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    seed: int = 0
+    model: ModelConfig = field(default_factory=ModelConfig)
+    vae_steps: int = 1500
+    vae_batch: int = 16
+    vae_lr: float = 1e-3
+    kl_weight: float = 1e-6
+    cache_size: int = 30_000
+    steps: int = 20_000  # UNet + text encoder steps
+    batch: int = 32
+    lr: float = 1e-3
+    warmup: int = 200
+    caption_dropout: float = 0.1  # empty prompt, for classifier-free guidance
+    clause_dropout: float = 0.1  # drop the background clause / the style clause, each independently
+    ema_decay: float = 0.999
+    ckpt_every: int = 200
+    export_every: int = 1000
+    keep_every: int = 5000  # also keep ckpt-<step>.pt every this many steps (0: never)
+
+    def __post_init__(self):
+        if not 0 <= self.caption_dropout < 1 or not 0 <= self.clause_dropout < 1:
+            raise ValueError("dropout probabilities must be in [0, 1)")
+        if min(self.vae_steps, self.steps) < 0 or min(self.batch, self.vae_batch, self.cache_size) < 1:
+            raise ValueError("steps must be >= 0; batch sizes and cache_size >= 1")
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def images_tensor(seeds) -> torch.Tensor:
+    """(B, 3, 64, 64) in [-1, 1] for the generator's images of ``seeds``."""
+    arr = np.stack([dataset.sample(int(s)).image for s in seeds])  # (B, 64, 64, 3) uint8
+    return torch.from_numpy(arr).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
+def tokenize(tokenizer, captions: list[str]) -> torch.Tensor:
+    return tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length,
+                     truncation=True, return_tensors="pt").input_ids
+
+
+def ema_update(ema: dict[str, torch.Tensor], model: torch.nn.Module, decay: float) -> None:
+    with torch.no_grad():
+        for name, p in model.state_dict().items():
+            if p.dtype.is_floating_point:
+                ema[name].lerp_(p, 1 - decay)
+            else:
+                ema[name].copy_(p)
+
+
+def _save(obj, path: Path) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _vae_step(c: Components, opt, cfg: TrainConfig, g: torch.Generator, device) -> float:
+    seeds = torch.randint(0, EVAL_SEED0, (cfg.vae_batch,), generator=g)
+    x = images_tensor(seeds.tolist()).to(device)
+    post = c.vae.encode(x).latent_dist
+    z = post.mean + post.std * torch.randn(post.mean.shape, generator=g).to(device)
+    rec = c.vae.decode(z).sample
+    loss = F.mse_loss(rec, x) + F.l1_loss(rec, x) + cfg.kl_weight * post.kl().mean()
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return float(loss)
+
+
+@torch.no_grad()
+def build_cache(c: Components, cfg: TrainConfig, device, progress: bool = True) -> dict:
+    """VAE latent means and token ids (4 caption variants: full, -background, -style, -both)."""
+    latents, ids = [], []
+    variants = ((True, True), (False, True), (True, False), (False, False))
+    for start in tqdm(range(0, cfg.cache_size, 256), desc="latent cache", disable=not progress):
+        seeds = range(start, min(start + 256, cfg.cache_size))
+        samples = [dataset.sample(s) for s in seeds]
+        x = torch.from_numpy(np.stack([s.image for s in samples])).permute(0, 3, 1, 2).float() / 127.5 - 1
+        latents.append(c.vae.encode(x.to(device)).latent_dist.mean.cpu())  # (b, 4, 16, 16)
+        caps = [dataset.caption(s.scene, bg, st) for s in samples for bg, st in variants]
+        ids.append(tokenize(c.tokenizer, caps).view(len(samples), len(variants), -1).to(torch.int32))
+    lat = torch.cat(latents)
+    return {"latents": lat, "ids": torch.cat(ids), "scale": float(1 / lat.std())}
+
+
+def _unet_step(c: Components, opt, cache: dict, empty_ids: torch.Tensor, cfg: TrainConfig,
+               g: torch.Generator, device) -> float:
+    sched = c.scheduler
+    idx = torch.randint(0, len(cache["latents"]), (cfg.batch,), generator=g)
+    keep_bg = torch.rand(cfg.batch, generator=g) >= cfg.clause_dropout
+    keep_style = torch.rand(cfg.batch, generator=g) >= cfg.clause_dropout
+    variant = (~keep_bg).long() + 2 * (~keep_style).long()
+    ids = cache["ids"][idx, variant].long()  # (B, L)
+    drop = torch.rand(cfg.batch, generator=g) < cfg.caption_dropout
+    ids[drop] = empty_ids
+    x0 = cache["latents"][idx] * cache["scale"]  # (B, 4, 16, 16)
+    noise = torch.randn(x0.shape, generator=g)
+    t = torch.randint(0, sched.config.num_train_timesteps, (cfg.batch,), generator=g)
+    x0, noise, t, ids = x0.to(device), noise.to(device), t.to(device), ids.to(device)
+    xt = sched.add_noise(x0, noise, t)
+    target = sched.get_velocity(x0, noise, t)
+    emb = c.text_encoder(ids)[0]  # (B, L, D)
+    pred = c.unet(xt, t, emb).sample
+    loss = F.mse_loss(pred, target)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    params = [p for group in opt.param_groups for p in group["params"]]
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    return float(loss)
+
+
+def export(c: Components, ema: dict, folder: Path) -> Path:
+    """Save the pipeline with the EMA weights of the UNet and text encoder."""
+    live = {"unet": c.unet.state_dict(), "text_encoder": c.text_encoder.state_dict()}
+    live = {k: {n: t.clone() for n, t in v.items()} for k, v in live.items()}
+    c.unet.load_state_dict(ema["unet"])
+    c.text_encoder.load_state_dict(ema["text_encoder"])
+    try:
+        return save_pipeline(c, folder)
+    finally:
+        c.unet.load_state_dict(live["unet"])
+        c.text_encoder.load_state_dict(live["text_encoder"])
+
+
+def train(cfg: TrainConfig = TrainConfig(), workdir: str | Path = ".train", export_to: str | Path | None = SHIPPED,
+          device: str | torch.device | None = None, progress: bool = True,
+          callback: Callable[[dict], None] | None = None) -> Components:
+    """Run (or resume) training to ``cfg.vae_steps`` + ``cfg.steps``; returns the live components."""
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    device = torch.device(device) if device is not None else default_device()
+    torch.manual_seed(cfg.seed)
+    c = build(cfg.model)
+    c.vae.to(device)
+    c.unet.to(device)
+    c.text_encoder.to(device)
+    g = torch.Generator().manual_seed(cfg.seed)
+    ckpt_path = workdir / "ckpt.pt"
+    state = torch.load(ckpt_path, weights_only=False) if ckpt_path.exists() else None
+    if state is not None and state["model_config"] != asdict(cfg.model):
+        raise ValueError(f"{ckpt_path} was trained with another model config; use a fresh workdir")
+    cb = callback or (lambda info: None)
+
+    # --- phase 1: VAE -----------------------------------------------------------------------------
+    vae_opt = torch.optim.AdamW(c.vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
+    vae_step = 0
+    if state is not None:
+        c.vae.load_state_dict(state["vae"])
+        vae_step = state["vae_step"]
+        if state["phase"] == "vae":
+            vae_opt.load_state_dict(state["vae_opt"])
+            g.set_state(state["rng"])
+    if vae_step < cfg.vae_steps:
+        c.vae.train()
+        bar = tqdm(total=cfg.vae_steps, initial=vae_step, desc="vae", disable=not progress)
+        while vae_step < cfg.vae_steps:
+            loss = _vae_step(c, vae_opt, cfg, g, device)
+            vae_step += 1
+            bar.update()
+            bar.set_postfix(loss=f"{loss:.4f}")
+            cb({"phase": "vae", "step": vae_step, "loss": loss})
+            if vae_step % cfg.ckpt_every == 0 or vae_step == cfg.vae_steps:
+                _save({"phase": "vae", "vae_step": vae_step, "vae": c.vae.state_dict(),
+                       "vae_opt": vae_opt.state_dict(), "rng": g.get_state(),
+                       "model_config": asdict(cfg.model), "train_config": asdict(cfg)}, ckpt_path)
+        bar.close()
+        state = torch.load(ckpt_path, weights_only=False)
+    c.vae.eval().requires_grad_(False)
+
+    # --- latent cache -----------------------------------------------------------------------------
+    cache_path = workdir / f"cache-{cfg.cache_size}.pt"
+    if cache_path.exists() and (state or {}).get("phase") == "unet":
+        cache = torch.load(cache_path, weights_only=False)
+    else:
+        cache = build_cache(c, cfg, device, progress)
+        _save(cache, cache_path)
+    c.vae.register_to_config(scaling_factor=cache["scale"])
+    empty_ids = tokenize(c.tokenizer, [""])[0].to(torch.long)
+
+    # --- phase 2: UNet + text encoder -------------------------------------------------------------
+    params = list(c.unet.parameters()) + list(c.text_encoder.parameters())
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=1e-2)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(cfg.warmup, 1)))
+    step = 0
+    if state is not None and state["phase"] == "unet":
+        c.unet.load_state_dict(state["unet"])
+        c.text_encoder.load_state_dict(state["text_encoder"])
+        opt.load_state_dict(state["opt"])
+        sched.load_state_dict(state["sched"])
+        ema = state["ema"]
+        step = state["step"]
+        g.set_state(state["rng"])
+    else:
+        ema = {"unet": {k: v.detach().clone() for k, v in c.unet.state_dict().items()},
+               "text_encoder": {k: v.detach().clone() for k, v in c.text_encoder.state_dict().items()}}
+    c.unet.train()
+    c.text_encoder.train()
+    bar = tqdm(total=cfg.steps, initial=step, desc="unet", disable=not progress)
+    while step < cfg.steps:
+        loss = _unet_step(c, opt, cache, empty_ids, cfg, g, device)
+        sched.step()
+        step += 1
+        decay = min(cfg.ema_decay, (1 + step) / (10 + step))
+        ema_update(ema["unet"], c.unet, decay)
+        ema_update(ema["text_encoder"], c.text_encoder, decay)
+        bar.update()
+        bar.set_postfix(loss=f"{loss:.4f}")
+        info = {"phase": "unet", "step": step, "loss": loss, "lr": sched.get_last_lr()[0]}
+        if step % cfg.ckpt_every == 0 or step == cfg.steps:
+            ckpt = {"phase": "unet", "vae_step": vae_step, "step": step, "vae": c.vae.state_dict(),
+                    "unet": c.unet.state_dict(), "text_encoder": c.text_encoder.state_dict(), "ema": ema,
+                    "opt": opt.state_dict(), "sched": sched.state_dict(), "rng": g.get_state(),
+                    "scale": cache["scale"], "model_config": asdict(cfg.model), "train_config": asdict(cfg)}
+            _save(ckpt, ckpt_path)
+            if cfg.keep_every and step % cfg.keep_every == 0:
+                _save(ckpt, workdir / f"ckpt-{step}.pt")
+            info["checkpoint"] = str(ckpt_path)
+        if export_to is not None and (step % cfg.export_every == 0 or step == cfg.steps):
+            info["exported"] = str(export(c, ema, Path(export_to)))
+        cb(info)
+    bar.close()
+    return c
+
+
+def components_from_checkpoint(path: str | Path, use_ema: bool = True) -> tuple[Components, dict]:
+    """Rebuild the components stored in a ``ckpt.pt`` (EMA weights by default)."""
+    state = torch.load(path, weights_only=False)
+    mc = state["model_config"]
+    cfg = ModelConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in mc.items()})
+    c = build(cfg)
+    c.vae.load_state_dict(state["vae"])
+    if state["phase"] == "unet":
+        c.vae.register_to_config(scaling_factor=state["scale"])
+        src = state["ema"] if use_ema else state
+        c.unet.load_state_dict(src["unet"])
+        c.text_encoder.load_state_dict(src["text_encoder"])
+    return c, state
+
+
+if __name__ == "__main__":
+    from attnmod.toy.cli import main
+
+    main(["train-toy", *__import__("sys").argv[1:]])
