@@ -18,6 +18,10 @@ from attnmod.toy.model import SHIPPED
 def _train(args: argparse.Namespace) -> int:
     from attnmod.toy.train import TrainConfig, train
 
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     cfg = TrainConfig()
     overrides = {k: getattr(args, k) for k in ("seed", "steps", "vae_steps", "batch", "lr", "cache_size",
                                                "export_every", "ckpt_every") if getattr(args, k) is not None}
@@ -68,6 +72,7 @@ def register(subparsers) -> None:
     p.add_argument("--export-every", type=int)
     p.add_argument("--ckpt-every", type=int)
     p.add_argument("--device", help="cuda / cpu (default: cuda when available)")
+    p.add_argument("--threads", type=int, help="CPU threads for torch (1 is best on a shared 2-core machine)")
     p.add_argument("--log-every", type=int, default=100, help="print a JSON line every N steps (0: never)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_train)

@@ -34,10 +34,11 @@ class ModelConfig:
     text_layers: int = 2
     text_heads: int = 4
     max_length: int = 32  # tokens per prompt; the longest grammar caption is 26
-    vae_channels: tuple[int, ...] = (32, 64, 64)  # 3 blocks → ×4 downsampling
+    vae_channels: tuple[int, ...] = (16, 32, 64)  # 3 blocks → ×4 downsampling
     latent_channels: int = 4
     image_size: int = 64
-    groups: int = 16
+    groups: int = 16  # GroupNorm groups in the UNet
+    vae_groups: int = 4  # GroupNorm groups in the VAE (few: 1 channel/group would erase colour)
 
     def __post_init__(self):
         if len(self.unet_channels) != 4:
@@ -47,7 +48,7 @@ class ModelConfig:
 
 
 TINY = ModelConfig(unet_channels=(16, 16, 16, 16), heads=2, text_dim=16, text_heads=2, text_layers=1,
-                   vae_channels=(8, 8, 8), groups=8)  # for tests
+                   vae_channels=(8, 8, 8), groups=8, vae_groups=4)  # for tests
 
 
 def build_tokenizer(max_length: int = 32) -> CLIPTokenizer:
@@ -60,7 +61,7 @@ def build_vae(cfg: ModelConfig) -> AutoencoderKL:
     return AutoencoderKL(
         in_channels=3, out_channels=3, latent_channels=cfg.latent_channels,
         down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n,
-        block_out_channels=cfg.vae_channels, layers_per_block=1, norm_num_groups=min(cfg.groups, cfg.vae_channels[0]),
+        block_out_channels=cfg.vae_channels, layers_per_block=1, norm_num_groups=min(cfg.vae_groups, cfg.vae_channels[0]),
         sample_size=cfg.image_size,
     )
 
