@@ -9,7 +9,7 @@ from .generate import NonFiniteImageError, generate, render
 from .loading import ModelLoadError, load_pipeline
 from .modify import AttnMod, modify
 from .recipe import Recipe
-from .scan import ScanResult, Sweep, run_scan
+from .sweep import ScanResult, Sweep, run_scan
 from .schedule import Schedule
 
 __version__ = "0.1.0"

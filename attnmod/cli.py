@@ -146,7 +146,7 @@ def _read_recipe(path: str):
 
 
 def cmd_scan(args) -> int:
-    from .scan import Sweep, parse_values, run_scan
+    from .sweep import Sweep, parse_values, run_scan
     from .schedule import Schedule
 
     sweep = Sweep(
@@ -157,7 +157,7 @@ def cmd_scan(args) -> int:
     )
     pipe = _load(args)
     base = _base_recipe(args, pipe, args.prompt[0])
-    from .scan import plan
+    from .sweep import plan
 
     tiles = plan(pipe, sweep, base)
     unique = len({t.recipe.key for t in tiles})

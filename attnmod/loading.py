@@ -7,6 +7,7 @@ Aliases: ``toy`` (the default) is the small model shipped inside the package; ``
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -59,12 +60,37 @@ def set_scheduler(pipe, name: str) -> None:
     pipe.scheduler = getattr(diffusers, SCHEDULERS[name]).from_config(pipe.scheduler.config)
 
 
+def _dtype_kwarg(dtype: torch.dtype) -> dict:
+    """diffusers renamed ``torch_dtype`` to ``dtype``; pass whichever this version expects."""
+    from diffusers.utils import deprecation_utils
+
+    new = hasattr(deprecation_utils, "_TORCH_DTYPE_DEPRECATION_MESSAGE")
+    return {"dtype" if new else "torch_dtype": dtype}
+
+
 def is_sdxl_checkpoint(path: Path) -> bool:
     """An original-format single file is SDXL when it holds the second text encoder's weights."""
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as f:
         return any(k.startswith("conditioner.embedders.1.") for k in f.keys())
+
+
+@contextmanager
+def _quiet_loading():
+    """diffusers/transformers show loading bars by default; the library does not print."""
+    from diffusers.utils import logging as dlog
+    from transformers.utils import logging as tlog
+
+    states = [(lib, lib.is_progress_bar_enabled()) for lib in (dlog, tlog)]
+    for lib, _ in states:
+        lib.disable_progress_bar()
+    try:
+        yield
+    finally:
+        for lib, was_enabled in states:
+            if was_enabled:
+                lib.enable_progress_bar()
 
 
 def load_pipeline(model: str | None = None, *, device=None, dtype=None, scheduler: str | None = None,
@@ -74,6 +100,11 @@ def load_pipeline(model: str | None = None, *, device=None, dtype=None, schedule
     ``config`` is a diffusers folder or hub id giving the component configs of a single-file
     checkpoint (needed offline). The safety checker is not loaded.
     """
+    with _quiet_loading():
+        return _load_pipeline(model, device, dtype, scheduler, config)
+
+
+def _load_pipeline(model, device, dtype, scheduler, config):
     from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 
     from . import tiny
@@ -91,19 +122,19 @@ def load_pipeline(model: str | None = None, *, device=None, dtype=None, schedule
                 if not (path / "model_index.json").is_file():
                     raise ModelLoadError(f"{path} is not a diffusers pipeline folder (no model_index.json)")
                 extra = {"safety_checker": None} if "safety_checker" in _index(path) else {}
-                pipe = DiffusionPipeline.from_pretrained(path, torch_dtype=dtype, **extra)
+                pipe = DiffusionPipeline.from_pretrained(path, **_dtype_kwarg(dtype), **extra)
             elif path.suffix in (".safetensors", ".ckpt"):
                 if not path.is_file():
                     raise ModelLoadError(f"checkpoint file not found: {path}")
                 cls = StableDiffusionXLPipeline if is_sdxl_checkpoint(path) else StableDiffusionPipeline
                 extra = {"config": config} if config else {}
-                pipe = cls.from_single_file(str(path), torch_dtype=dtype, **extra)
+                pipe = cls.from_single_file(str(path), **_dtype_kwarg(dtype), **extra)
             elif model == DEFAULT_MODEL:
                 raise ModelLoadError(f"the embedded model is missing from {EMBEDDED_MODEL}; reinstall attnmod")
             elif path.exists() or model.startswith((".", "/", "~")) or model.count("/") != 1:
                 raise ModelLoadError(f"no model at {model!r}: not a diffusers folder, .safetensors file or hub id")
             else:
-                pipe = DiffusionPipeline.from_pretrained(model, torch_dtype=dtype, safety_checker=None)
+                pipe = DiffusionPipeline.from_pretrained(model, **_dtype_kwarg(dtype), safety_checker=None)
         except ModelLoadError:
             raise
         except Exception as e:  # diffusers raises OSError, ValueError, safetensors errors, ...
