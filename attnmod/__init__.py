@@ -9,8 +9,8 @@ from .generate import NonFiniteImageError, generate, render
 from .loading import ModelLoadError, load_pipeline
 from .modify import AttnMod, modify
 from .recipe import Recipe
-from .sweep import ScanResult, Sweep, run_scan
 from .schedule import Schedule
+from .sweep import ScanResult, Sweep, run_scan
 
 __version__ = "0.1.0"
 

@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from .loading import DEFAULT_MODEL, SCHEDULERS, ModelLoadError, load_pipeline, model_label
+from .loading import DEFAULT_MODEL, SCHEDULERS, ModelLoadError, load_pipeline
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -20,7 +20,7 @@ def _size(text: str) -> tuple[int, int]:
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=DEFAULT_MODEL,
+    p.add_argument("--model", default=None,
                    help="hub id, diffusers folder, .safetensors file, 'toy' (embedded, default) or 'tiny'")
     p.add_argument("--config", help="diffusers folder/hub id with the configs of a single-file checkpoint")
     p.add_argument("--device", help="cuda, mps or cpu (default: best available)")
@@ -30,7 +30,7 @@ def _model_args(p: argparse.ArgumentParser) -> None:
 
 def _gen_args(p: argparse.ArgumentParser, many_prompts: bool = False) -> None:
     _model_args(p)
-    p.add_argument("--prompt", required=True, action="append" if many_prompts else "store",
+    p.add_argument("--prompt", required=many_prompts, action="append" if many_prompts else "store",
                    help="text prompt" + (" (repeat for a prompt axis)" if many_prompts else ""))
     p.add_argument("--negative-prompt", default="")
     p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's)")
@@ -80,10 +80,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _load(args):
-    pipe = load_pipeline(args.model, device=args.device, dtype=args.dtype, scheduler=args.scheduler,
+def _load(args, model: str | None = None):
+    args.model = args.model or model or DEFAULT_MODEL
+    return load_pipeline(args.model, device=args.device, dtype=args.dtype, scheduler=args.scheduler,
                          config=args.config)
-    return pipe
 
 
 def _base_recipe(args, pipe, prompt: str, seed: int = 0):
@@ -95,7 +95,7 @@ def _base_recipe(args, pipe, prompt: str, seed: int = 0):
     return Recipe(
         prompt=prompt, negative_prompt=args.negative_prompt, seed=seed,
         steps=args.steps or d["steps"], guidance=d["guidance"] if args.guidance is None else args.guidance,
-        width=width, height=height, model=model_label(args.model), scheduler=type(pipe.scheduler).__name__,
+        width=width, height=height, model=args.model, scheduler=type(pipe.scheduler).__name__,
     )
 
 
@@ -113,12 +113,15 @@ def cmd_blocks(args) -> int:
 def cmd_generate(args) -> int:
     from .generate import generate
     from .modify import normalize_mods
-    from .recipe import Recipe, save_png
+    from .recipe import save_png
     from .schedule import Schedule
 
-    pipe = _load(args)
-    if args.recipe:
-        recipe = _read_recipe(args.recipe)
+    recipe = _read_recipe(args.recipe) if args.recipe else None
+    if recipe is None and not args.prompt:
+        raise ValueError("give --prompt (or --recipe to regenerate an image)")
+    pipe = _load(args, recipe.model if recipe else None)
+    if recipe is not None:
+        _use_scheduler_class(pipe, recipe.scheduler)
     else:
         mods = {}
         for text in args.mod:
@@ -135,6 +138,16 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def _use_scheduler_class(pipe, name: str) -> None:
+    """Switch to the scheduler class a recipe was made with (same config otherwise)."""
+    import diffusers
+
+    if name and type(pipe.scheduler).__name__ != name:
+        if not hasattr(diffusers, name):
+            raise ValueError(f"the recipe's scheduler {name!r} is not in this diffusers version")
+        pipe.scheduler = getattr(diffusers, name).from_config(pipe.scheduler.config)
+
+
 def _read_recipe(path: str):
     import json
 
@@ -146,8 +159,8 @@ def _read_recipe(path: str):
 
 
 def cmd_scan(args) -> int:
-    from .sweep import Sweep, parse_values, run_scan
     from .schedule import Schedule
+    from .sweep import Sweep, parse_values, run_scan
 
     sweep = Sweep(
         prompts=tuple(args.prompt), seeds=tuple(parse_values(args.seed, int)),

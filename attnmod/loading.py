@@ -73,7 +73,7 @@ def is_sdxl_checkpoint(path: Path) -> bool:
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as f:
-        return any(k.startswith("conditioner.embedders.1.") for k in f.keys())
+        return any(k.startswith("conditioner.embedders.1.") for k in f.keys())  # noqa: SIM118 (safe_open is not iterable)
 
 
 @contextmanager
@@ -151,9 +151,3 @@ def _index(path: Path) -> dict:
         return json.loads((path / "model_index.json").read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise ModelLoadError(f"{path}/model_index.json is unreadable: {e}") from e
-
-
-def model_label(model: str | None) -> str:
-    """A short name for recipes and grid titles."""
-    model = model or DEFAULT_MODEL
-    return Path(model).name if Path(model).exists() else model

@@ -10,7 +10,7 @@ make one sheet each. The default tile (multiplier 1, rate 0) is always included 
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 

@@ -22,7 +22,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 
 from .tokenizer import build_clip_tokenizer
 
-WORDS = "a an the of on in with and cat dog red blue green photo painting style circle square star".split()
+WORDS = ["a", "an", "the", "of", "on", "in", "with", "and", "cat", "dog", "red", "blue", "green", "photo", "painting", "style", "circle", "square", "star"]
 
 
 def _tokenizer():

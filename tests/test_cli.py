@@ -29,7 +29,7 @@ def test_generate_writes_a_png_with_its_recipe_and_regenerates_it(sd_folder, tmp
     assert 'AttnMod: "M0A0A1=2:0 M0A0A2=2:0 U1A1A2=-5:0.2"' in params
     assert recipe["seed"] == 3 and len(recipe["mods"]) == 3
     again = tmp_path / "b.png"
-    assert main(["generate", "--model", str(sd_folder), "--recipe", str(out), "--prompt", "x", "--out", str(again)]) == 0
+    assert main(["generate", "--recipe", str(out), "--out", str(again)]) == 0  # model, seed, mods from the PNG
     assert Image.open(again).tobytes() == Image.open(out).tobytes()
 
 

@@ -7,8 +7,8 @@ from PIL import Image
 import attnmod.sweep as scan_mod
 from attnmod import Recipe, Schedule, Sweep, generate, run_scan
 from attnmod.generate import NonFiniteImageError
-from attnmod.modify import normalize_mods
 from attnmod.grid import FRAME
+from attnmod.modify import normalize_mods
 from attnmod.sweep import parse_values
 
 BASE = Recipe("a red cat", steps=3, guidance=5.0, width=32, height=32, model="tiny")
