@@ -65,7 +65,7 @@ def register(subparsers) -> None:
     p.add_argument("--no-export", action="store_true", help="do not export the pipeline")
     p.add_argument("--seed", type=int)
     p.add_argument("--steps", type=int, help="UNet + text-encoder steps in total (default 20000)")
-    p.add_argument("--vae-steps", type=int, help="VAE steps in total (default 1500)")
+    p.add_argument("--vae-steps", type=int, help="VAE steps in total (default 2000)")
     p.add_argument("--batch", type=int)
     p.add_argument("--lr", type=float)
     p.add_argument("--cache-size", type=int)

@@ -34,9 +34,9 @@ EVAL_SEED0 = 10_000_000
 class TrainConfig:
     seed: int = 0
     model: ModelConfig = field(default_factory=ModelConfig)
-    vae_steps: int = 1500
+    vae_steps: int = 2000
     vae_batch: int = 16
-    vae_lr: float = 2e-3  # cosine-decayed to 10 % over vae_steps
+    vae_lr: float = 4e-4  # cosine-decayed to 10 % over vae_steps
     kl_weight: float = 1e-6
     cache_size: int = 20_000
     steps: int = 20_000  # UNet + text encoder steps
