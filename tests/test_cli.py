@@ -108,3 +108,16 @@ def torch_equal(a, b):
     import torch
 
     return torch.equal(a.detach(), b.detach())
+
+
+def test_hub_ids_fail_clearly_offline(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelLoadError, match="cannot load model 'nobody/no-such-model'"):
+        load_pipeline("nobody/no-such-model")
+
+
+def test_sdxl_folder_loads_and_lists_its_blocks(sdxl, tmp_path, capsys):
+    sdxl.save_pretrained(tmp_path / "xl", safe_serialization=True)
+    assert main(["blocks", "--model", str(tmp_path / "xl")]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 56 and lines[0].startswith("D1A0T0A1  down_blocks.1.attentions.0.transformer_blocks.0.attn1")

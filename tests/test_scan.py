@@ -129,3 +129,11 @@ def test_recipe_regenerates_the_same_image(sd, tmp_path):
     assert np.array_equal(generate(sd, Recipe.from_png(path)), first)
     with pytest.raises(ValueError, match="multiple of 8"):
         Recipe("p", width=30, height=32)
+
+
+def test_python_api_scan_returns_images_and_grid(sd):
+    import attnmod
+
+    result = attnmod.scan(sd, "a red cat", blocks=["U1A1A2"], starts=[-5, 10], rates=[0.5], steps=2, size=32)
+    assert len(result.images) == 3 * 2 and all(im.size == (32, 32) for im in result.images)
+    assert result.grid().width >= 3 * 128
