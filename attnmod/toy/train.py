@@ -57,6 +57,13 @@ class TrainConfig:
             raise ValueError("steps must be >= 0; batch sizes and cache_size >= 1")
 
 
+_VAE_KEYS = ("vae_channels", "latent_channels", "image_size", "vae_groups")
+
+
+def _norm(v):
+    return tuple(v) if isinstance(v, list) else v
+
+
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -171,8 +178,11 @@ def train(cfg: TrainConfig = TrainConfig(), workdir: str | Path = ".train", expo
     g = torch.Generator().manual_seed(cfg.seed)
     ckpt_path = workdir / "ckpt.pt"
     state = torch.load(ckpt_path, weights_only=False) if ckpt_path.exists() else None
-    if state is not None and state["model_config"] != asdict(cfg.model):
-        raise ValueError(f"{ckpt_path} was trained with another model config; use a fresh workdir")
+    if state is not None:
+        saved, now = state["model_config"], asdict(cfg.model)
+        keys = _VAE_KEYS if state["phase"] == "vae" else now.keys()  # the UNet may change before it trains
+        if any(_norm(saved.get(k)) != _norm(now[k]) for k in keys):
+            raise ValueError(f"{ckpt_path} was trained with another model config; use a fresh workdir")
     cb = callback or (lambda info: None)
 
     # --- phase 1: VAE -----------------------------------------------------------------------------

@@ -1,0 +1,36 @@
+import numpy as np
+import pytest
+
+from attnmod.toy import dataset, evaluate
+
+
+@pytest.mark.parametrize("n_objects", [1, 2])
+def test_analyzer_passes_ground_truth_images(n_objects):
+    results = []
+    for i in range(40):
+        s = dataset.sample(30_000_000 + i, n_objects)
+        results.append(evaluate.analyze(s.image, s.scene))
+    acc = evaluate.accuracy(results)
+    assert min(acc.values()) >= 0.95, acc
+
+
+def test_analyzer_catches_a_wrong_prompt():
+    s = dataset.sample(5, 1)
+    obj = s.scene.objects[0]
+    other = next(c for c in dataset.COLORS if c not in (obj.color, s.scene.background))
+    wrong = dataset.Scene((dataset.Obj(obj.shape, other, obj.size, obj.position),), s.scene.background,
+                          s.scene.pattern, s.scene.style)
+    assert evaluate.analyze(s.image, wrong)["color"] == [False]
+
+
+def test_eval_scenes_are_held_out_and_deterministic():
+    a, b = evaluate.eval_scenes(5, 1), evaluate.eval_scenes(5, 1)
+    assert a == b and all(len(s.objects) == 1 for s in a)
+    assert evaluate.EVAL_SEED0 >= 10_000_000
+
+
+def test_flat_image_has_no_objects():
+    img = np.zeros((64, 64, 3), np.uint8) + np.array(dataset.COLORS["blue"], np.uint8)
+    scene = dataset.Scene((dataset.Obj("circle", "red", "large", "center"),), "blue", "plain", "flat")
+    r = evaluate.analyze(img, scene)
+    assert r["background"] == [True] and r["color"] == [False] and r["shape"] == [False]
