@@ -16,12 +16,17 @@ otherwise advances by one UNet call; callers that own their loop pass ``auto_ste
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from contextvars import ContextVar
 
 import numpy as np
 import torch
 
 from .blocks import resolve_blocks
 from .schedule import Schedule, as_schedule
+
+# True while an on_step callback makes extra UNet calls (e.g. evaluating candidates): no AttnMod
+# counts those as loop steps.
+_EXTRA_CALL: ContextVar[bool] = ContextVar("attnmod_extra_unet_call", default=False)
 
 Mods = Mapping[str, object]  # block selector -> Schedule | number | (start, rate[, accel]) | "text"
 
@@ -52,7 +57,7 @@ class AttnMod:
     is a multiple of the number of images and each image's multiplier is applied to all its copies.
     """
 
-    def __init__(self, target, mods: Mods | Sequence[Mods], *, auto_step: bool = True):
+    def __init__(self, target, mods: Mods | Sequence[Mods], *, auto_step: bool = True, on_step=None):
         self.unet = getattr(target, "unet", target)
         self._owner = target if hasattr(target, "scheduler") else None
         per_image = [mods] if isinstance(mods, Mapping) else list(mods)
@@ -62,6 +67,7 @@ class AttnMod:
         names = {n for m in self.per_image for n in m}
         self.blocks = [b for b in resolve_blocks(self.unet, "all") if b.name in names] if names else []
         self.auto_step = auto_step
+        self.on_step = on_step  # on_step(ctl, unet_args, unet_kwargs): may call the UNet, set_multipliers
         self._handles: list = []
         self._tables: dict[str, torch.Tensor] = {}  # name -> (steps, images) on the UNet's device
         self._neutral: dict[str, np.ndarray] = {}  # name -> (steps,) bool: every image at 1.0
@@ -114,7 +120,23 @@ class AttnMod:
             for name, table in self._tables.items()
         }
 
+    def set_multipliers(self, multipliers: Mapping[str, torch.Tensor], batch_size: int) -> None:
+        """Override this step's multipliers: block name -> (images,) tensor, for a UNet batch of ``batch_size``.
+
+        For callers that decide multipliers as the loop runs (greedy strategies); blocks not given keep
+        theirs.
+        """
+        for name, values in multipliers.items():
+            if name not in self._tables:
+                raise ValueError(f"block {name!r} is not installed in this AttnMod")
+            values = torch.as_tensor(values, dtype=self.unet.dtype, device=self.unet.device).flatten()
+            if batch_size % values.numel():
+                raise ValueError(f"UNet batch of {batch_size} is not a multiple of {values.numel()} settings")
+            self._current[name] = values.repeat(batch_size // values.numel()).view(-1, 1, 1)
+
     def _on_unet_call(self, module, args, kwargs):
+        if _EXTRA_CALL.get():
+            return None  # a UNet call made by an on_step callback, not a step of the loop
         sample = args[0] if args else kwargs["sample"]
         if self.auto_step:
             timesteps = getattr(getattr(self._owner, "scheduler", None), "timesteps", None)
@@ -126,6 +148,12 @@ class AttnMod:
             raise RuntimeError("with auto_step=False call start_loop(n) and set_step(i) before the UNet runs")
         else:
             self.set_step(self.step, sample.shape[0])
+        if self.on_step is not None:
+            token = _EXTRA_CALL.set(True)
+            try:
+                self.on_step(self, args, kwargs)
+            finally:
+                _EXTRA_CALL.reset(token)
         return None
 
     def reset(self) -> None:
@@ -151,6 +179,8 @@ class AttnMod:
     def __enter__(self) -> AttnMod:
         if self._handles:
             raise RuntimeError("this AttnMod is already installed")
+        if not self.blocks:
+            return self  # nothing to modify: no hooks at all
         modules = dict(self.unet.named_modules())
         try:
             self._handles.append(self.unet.register_forward_pre_hook(self._on_unet_call, with_kwargs=True))
@@ -170,6 +200,11 @@ class AttnMod:
         self._current = {}
 
 
-def modify(target, mods: Mods | Sequence[Mods], *, auto_step: bool = True) -> AttnMod:
+def is_extra_call() -> bool:
+    """True inside a UNet call made by an ``on_step`` callback rather than by the sampling loop."""
+    return _EXTRA_CALL.get()
+
+
+def modify(target, mods: Mods | Sequence[Mods], *, auto_step: bool = True, on_step=None) -> AttnMod:
     """``with attnmod.modify(pipe, {"U1A1A2": Schedule(start=-5, rate=0.2)}): pipe(prompt)``."""
-    return AttnMod(target, mods, auto_step=auto_step)
+    return AttnMod(target, mods, auto_step=auto_step, on_step=on_step)
