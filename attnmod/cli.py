@@ -58,18 +58,39 @@ def build_parser() -> argparse.ArgumentParser:
     _gen_args(p, many_prompts=True)
     p.add_argument("--seed", default="0", help="seed axis: 0 or 0,1,2 or 0:9:10")
     p.add_argument("--block", action="append", help="block axis, repeatable; A+B modifies A and B together")
-    p.add_argument("--start", default="1", help="start multipliers: a:b:n or v1,v2,... (1.0 always added)")
-    p.add_argument("--rate", default="0", help="rates per step: a:b:n or v1,v2,... (0 always added)")
+    p.add_argument("--start", help="start multipliers: a:b:n or v1,v2,... (1.0 always added)")
+    p.add_argument("--rate", help="rates per step: a:b:n or v1,v2,... (0 always added)")
     p.add_argument("--accel", default="0", help="rate change per step: a:b:n or v1,v2,...")
     p.add_argument("--setting", action="append", metavar="START:RATE[:ACCEL]",
                    help="explicit settings as one axis instead of start x rate (repeatable; default tile first)")
-    p.add_argument("--x", help="axis along x (start, mod, rate, accel, seed, prompt, block)")
+    p.add_argument("--encoder-weights", action="append", metavar="W1,W2",
+                   help="text encoder composition axis (SDXL: weight of each encoder's part); repeatable")
+    p.add_argument("--preset", help="paper-scan, paper-scan-sdxl or zero-conditioning (options given win)")
+    p.add_argument("--pair", metavar="A,B", help="scan A, B and A+B, side by side in one sheet (paper Fig. 8)")
+    p.add_argument("--side-by-side", action="store_true", help="also write all sheets in one row")
+    p.add_argument("--x", help="axis along x (start, mod, rate, accel, encoders, seed, prompt, block)")
     p.add_argument("--y", help="axis along y")
     p.add_argument("--batch-size", type=int, default=8, help="images per pipeline call")
     p.add_argument("--tile-px", type=int, default=None, help="display size of a tile in the grid")
     p.add_argument("--out", required=True, help="output folder (re-running resumes)")
 
-    for name in ("generate", "scan"):
+    p = sub.add_parser("strategy", help="greedy multi-block AttnMod (paper Fig. 9): one block gains +1 per step")
+    _gen_args(p)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--blocks", default="all", help="candidate blocks (selector), all starting at 0")
+    p.add_argument("--picker", default="most", help="most (influential) or least")
+    p.add_argument("--candidate-batch", type=int, default=None, help="candidates per UNet call (default all)")
+    p.add_argument("--out", required=True, help="output PNG (its recipe remakes it without the search)")
+
+    p = sub.add_parser("influence", help="every block's tile at one setting vs the default, scored")
+    _gen_args(p)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--setting", default="-5:0.2", metavar="START:RATE[:ACCEL]")
+    p.add_argument("--blocks", default="all", help="which blocks to map (selector)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--out", required=True, help="output folder (re-running resumes)")
+
+    for name in ("generate", "scan", "strategy", "influence"):
         sub.choices[name].add_argument("--quiet", action="store_true", help="no progress bar")
     try:
         from .toy import cli as toy_cli
@@ -158,20 +179,38 @@ def _read_recipe(path: str):
     return Recipe.from_dict(json.loads(Path(path).read_text()))
 
 
-def cmd_scan(args) -> int:
+def _sweep_from_args(args):
+    from .presets import preset
     from .schedule import Schedule
-    from .sweep import Sweep, parse_values, run_scan
+    from .sweep import Sweep, parse_values
 
-    sweep = Sweep(
-        prompts=tuple(args.prompt), seeds=tuple(parse_values(args.seed, int)),
-        blocks=tuple(args.block or ["U1A1A2"]), starts=tuple(parse_values(args.start)),
-        rates=tuple(parse_values(args.rate)), accels=tuple(parse_values(args.accel)),
-        settings=tuple(Schedule.parse(s) for s in args.setting) if args.setting else None, x=args.x, y=args.y,
+    kw = dict(preset(args.preset)) if args.preset else {}
+    if args.start is not None:
+        kw["starts"] = parse_values(args.start)
+    if args.rate is not None:
+        kw["rates"] = parse_values(args.rate)
+    if args.setting:
+        kw["settings"] = tuple(Schedule.parse(s) for s in args.setting)
+    blocks = args.block or ["U1A1A2"]
+    if args.pair:
+        a, sep, b = args.pair.partition(",")
+        if not sep or not a or not b:
+            raise ValueError(f"--pair expects two blocks A,B, got {args.pair!r}")
+        blocks = [a, b, f"{a}+{b}"]
+    return Sweep(
+        prompts=tuple(args.prompt), seeds=tuple(parse_values(args.seed, int)), blocks=tuple(blocks),
+        starts=tuple(kw.get("starts", (1.0,))), rates=tuple(kw.get("rates", (0.0,))),
+        accels=tuple(parse_values(args.accel)), settings=kw.get("settings"),
+        encoder_weights=tuple(tuple(parse_values(w)) for w in args.encoder_weights or ()), x=args.x, y=args.y,
     )
+
+
+def cmd_scan(args) -> int:
+    from .sweep import plan, run_scan
+
+    sweep = _sweep_from_args(args)
     pipe = _load(args)
     base = _base_recipe(args, pipe, args.prompt[0])
-    from .sweep import plan
-
     tiles = plan(pipe, sweep, base)
     unique = len({t.recipe.key for t in tiles})
     x, y, sheets = sweep.layout()
@@ -179,7 +218,7 @@ def cmd_scan(args) -> int:
           f"{unique * base.steps} denoising steps; x={x}, y={y}" + (f", sheets by {', '.join(sheets)}" if sheets else ""))
     title = f"{base.prompt!r} · seed {base.seed}" if len(sweep.prompts) == 1 and len(sweep.seeds) == 1 else ""
     result = run_scan(pipe, sweep, base, out=args.out, batch_size=args.batch_size, progress=not args.quiet,
-                      tile_px=args.tile_px, title=title)
+                      tile_px=args.tile_px, title=title, side_by_side=args.side_by_side or bool(args.pair))
     print(f"rendered {result.rendered} of {unique} images ({unique - result.pending_count} already done); "
           f"sheets: {', '.join(str(p) for p in result.sheet_files)}")
     if result.failed:
@@ -192,7 +231,38 @@ def cmd_scan(args) -> int:
     return 0
 
 
-COMMANDS = {"blocks": cmd_blocks, "generate": cmd_generate, "scan": cmd_scan}
+def cmd_strategy(args) -> int:
+    from .blocks import list_blocks
+    from .recipe import save_png
+    from .strategy import get_picker, run_strategy
+
+    get_picker(args.picker)  # fail before loading anything
+    pipe = _load(args)
+    base = _base_recipe(args, pipe, args.prompt, args.seed)
+    short = {b.name: b.short for b in list_blocks(pipe.unet)}
+    result = run_strategy(pipe, base, blocks=args.blocks, picker=args.picker, candidate_batch=args.candidate_batch)
+    path = save_png(result.image, args.out, result.recipe, short)
+    order = " ".join(short.get(n, "-") if n else "-" for n in result.order)
+    print(f"wrote {path}\nblock gaining +1 at each step: {order}")
+    return 0
+
+
+def cmd_influence(args) -> int:
+    from .influence import block_influence
+    from .schedule import Schedule
+
+    setting = Schedule.parse(args.setting)
+    pipe = _load(args)
+    base = _base_recipe(args, pipe, args.prompt, args.seed)
+    result = block_influence(pipe, base, setting, blocks=args.blocks, out=args.out, batch_size=args.batch_size,
+                             progress=not args.quiet)
+    top = ", ".join(f"{b} {s:.3f}" for b, s in result.ranking()[:5])
+    print(f"wrote {args.out}/influence.png; most influential at {setting.to_text()}: {top}")
+    return 0
+
+
+COMMANDS = {"blocks": cmd_blocks, "generate": cmd_generate, "scan": cmd_scan, "strategy": cmd_strategy,
+            "influence": cmd_influence}
 
 
 _VALUE_OPTIONS = ("--start", "--rate", "--accel", "--setting", "--seed", "--mod")

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import ExitStack
 
 import numpy as np
 import torch
 
+from .encoders import compose_encoders, text_encoders
 from .modify import modify
 from .recipe import Recipe
 
@@ -32,7 +34,12 @@ def render(pipe, recipes: Sequence[Recipe]) -> np.ndarray:
     device = pipe.unet.device
     gen_device = "cpu" if device.type == "mps" else device
     generators = [torch.Generator(gen_device).manual_seed(r.seed) for r in recipes]
-    with modify(pipe, [r.mods_dict for r in recipes]), torch.inference_mode():
+    with ExitStack() as stack:
+        stack.enter_context(modify(pipe, [r.mods_dict for r in recipes]))
+        if any(r.encoder_weights for r in recipes):
+            n = len(text_encoders(pipe))
+            stack.enter_context(compose_encoders(pipe, [r.encoder_weights or (1.0,) * n for r in recipes]))
+        stack.enter_context(torch.inference_mode())
         out = pipe(
             prompt=[r.prompt for r in recipes],
             negative_prompt=[r.negative_prompt for r in recipes] if any(r.negative_prompt for r in recipes) else None,

@@ -45,8 +45,11 @@ def make_grid(
     framed: set[tuple[int, int]] = frozenset(),
     tile_px: int = 128,
     missing_text: str = "NaN",
+    captions: dict[tuple[int, int], str] | None = None,
+    blank: set[tuple[int, int]] = frozenset(),
 ) -> Image.Image:
-    """A labelled grid: ``cells[row][col]`` (None draws a crossed placeholder), ``framed`` (row, col) outlined."""
+    """A labelled grid: ``cells[row][col]`` (None draws a crossed placeholder, cells in ``blank`` stay
+    empty), ``framed`` (row, col) outlined, ``captions`` drawn on a band at a tile's foot."""
     rows, cols = len(cells), len(cells[0]) if cells else 0
     font = _font(max(11, tile_px // 9))
     small = _font(max(10, tile_px // 11))
@@ -62,18 +65,36 @@ def make_grid(
     if x_name:
         draw.text((left + (width - left) // 2, top - 40), f"{x_name} ->", fill=INK, font=small, anchor="mm")
     if y_name:
-        draw.text((8, top - 12), f"{y_name} (down)", fill=INK, font=small, anchor="lm")
+        draw.text((8, top - 12), f"{y_name}", fill=INK, font=small, anchor="lm")
     for c, label in enumerate(x_labels):
         draw.text((left + c * (tile_px + gap) + gap + tile_px // 2, top - 14), label, fill=INK, font=small, anchor="mm")
     for r, label in enumerate(y_labels):
         draw.text((left - 8, top + r * (tile_px + gap) + gap + tile_px // 2), label, fill=INK, font=small, anchor="rm")
     for r, row in enumerate(cells):
         for c, image in enumerate(row):
+            if (r, c) in blank:
+                continue
             x0, y0 = left + c * (tile_px + gap) + gap, top + r * (tile_px + gap) + gap
             tile = _placeholder(tile_px, missing_text) if image is None else display_tile(image, tile_px)
             sheet.paste(tile, (x0, y0))
+    for (r, c), text in (captions or {}).items():  # a small label on a dark band at the tile's foot
+        x0, y0 = left + c * (tile_px + gap) + gap, top + r * (tile_px + gap) + gap
+        band = max(12, tile_px // 8)
+        draw.rectangle((x0, y0 + tile_px - band, x0 + tile_px - 1, y0 + tile_px - 1), fill=(0, 0, 0))
+        draw.text((x0 + 3, y0 + tile_px - band // 2), text, fill=(255, 255, 255), font=small, anchor="lm")
     w = max(3, tile_px // 32)
     for r, c in framed:  # drawn last, inside the tile, so no neighbour covers it
         x0, y0 = left + c * (tile_px + gap) + gap, top + r * (tile_px + gap) + gap
         draw.rectangle((x0, y0, x0 + tile_px - 1, y0 + tile_px - 1), outline=FRAME, width=w)
     return sheet
+
+
+def side_by_side(sheets: Sequence[Image.Image], gap: int = 24) -> Image.Image:
+    """Sheets next to each other, tops aligned (e.g. scans of A, B and A+B: paper Fig. 8)."""
+    width = sum(s.width for s in sheets) + gap * (len(sheets) - 1)
+    out = Image.new("RGB", (width, max(s.height for s in sheets)), BACKGROUND)
+    x = 0
+    for sheet in sheets:
+        out.paste(sheet, (x, 0))
+        x += sheet.width + gap
+    return out

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import tempfile
 from dataclasses import asdict, dataclass, field, replace
@@ -35,10 +36,15 @@ class Recipe:
     model: str = "toy"
     scheduler: str = ""  # scheduler class name; "" = the model's own
     mods: tuple[tuple[str, Schedule], ...] = field(default=())  # (full block name, schedule), sorted
+    encoder_weights: tuple[float, ...] = ()  # weight of each text encoder's part; () = all 1 (SDXL: 2)
 
     def __post_init__(self):
         mods = tuple(sorted((n, s) for n, s in dict(self.mods).items() if not s.is_neutral))
         object.__setattr__(self, "mods", mods)
+        weights = tuple(float(w) for w in self.encoder_weights)
+        if not all(math.isfinite(w) for w in weights):
+            raise ValueError(f"encoder weights must be finite, got {weights}")
+        object.__setattr__(self, "encoder_weights", () if all(w == 1.0 for w in weights) else weights)
         if self.steps < 1:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
         for side in (self.width, self.height):
@@ -55,13 +61,17 @@ class Recipe:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["mods"] = {name: s.to_dict() for name, s in self.mods}
+        d["encoder_weights"] = list(self.encoder_weights)
+        if not self.encoder_weights:
+            del d["encoder_weights"]  # keeps the keys of recipes that do not use it stable
         return {"version": RECIPE_VERSION, **d}
 
     @classmethod
     def from_dict(cls, d: dict) -> Recipe:
         d = {k: v for k, v in d.items() if k != "version"}
         mods = tuple((n, Schedule.from_dict(s)) for n, s in d.pop("mods", {}).items())
-        return cls(**d, mods=mods)
+        weights = tuple(d.pop("encoder_weights", ()))
+        return cls(**d, mods=mods, encoder_weights=weights)
 
     @property
     def key(self) -> str:
@@ -77,6 +87,8 @@ class Recipe:
         if self.mods:
             mods = " ".join(f"{short.get(n, n)}={s.to_text()}" for n, s in self.mods)
             fields.append(f'AttnMod: "{mods}"')
+        if self.encoder_weights:
+            fields.append(f"Text encoder weights: {','.join(f'{w:g}' for w in self.encoder_weights)}")
         return f"{self.prompt}\nNegative prompt: {self.negative_prompt}\n" + ", ".join(fields)
 
     @classmethod

@@ -21,13 +21,15 @@ from tqdm.auto import tqdm
 from .blocks import list_blocks, resolve_blocks
 from .generate import check_batch, describe, finite, render
 from .grid import make_grid
+from .grid import side_by_side as grid_side_by_side
 from .modify import normalize_mods
 from .recipe import Recipe, atomic_write, save_png, to_pil, write_json
 from .schedule import Schedule
 
-AXES = ("start", "mod", "rate", "accel", "seed", "prompt", "block")
+AXES = ("start", "mod", "rate", "accel", "encoders", "seed", "prompt", "block")
 AXIS_TITLES = {"start": "start multiplier", "mod": "AttnMod setting", "rate": "rate per step",
-               "accel": "rate change per step", "seed": "seed", "prompt": "prompt", "block": "block"}
+               "accel": "rate change per step", "encoders": "text encoder weights", "seed": "seed",
+               "prompt": "prompt", "block": "block"}
 
 
 def parse_values(text: str, kind=float) -> list:
@@ -60,6 +62,7 @@ class Sweep:
     rates: tuple[float, ...] = (0.0,)
     accels: tuple[float, ...] = (0.0,)
     settings: tuple[Schedule, ...] | None = None  # replaces start × rate × accel when given
+    encoder_weights: tuple[tuple[float, ...], ...] = ()  # SDXL embedding compositions; default always in
     x: str | None = None
     y: str | None = None
 
@@ -84,7 +87,8 @@ class Sweep:
                 "rate": sorted(set(self.rates) | {0.0}),
                 "accel": sorted(set(self.accels) | {0.0}),
             }
-        return {**sched_axes, "seed": list(dict.fromkeys(self.seeds)),
+        weights = [()] + [tuple(w) for w in dict.fromkeys(self.encoder_weights) if any(v != 1 for v in w)]
+        return {**sched_axes, "encoders": weights, "seed": list(dict.fromkeys(self.seeds)),
                 "prompt": list(dict.fromkeys(self.prompts)), "block": list(dict.fromkeys(self.blocks))}
 
     def layout(self) -> tuple[str, str | None, list[str]]:
@@ -173,12 +177,14 @@ def _complete(coords: dict, axes: dict) -> dict:
 
 
 def _coord_key(coords: dict) -> tuple:
-    return tuple(sorted((a, v.to_text() if isinstance(v, Schedule) else v) for a, v in coords.items()))
+    return tuple(sorted((a, _value_text(a, v) if isinstance(v, Schedule | tuple) else v) for a, v in coords.items()))
 
 
 def _value_text(axis: str, value) -> str:
     if isinstance(value, Schedule):
         return value.to_text()
+    if axis == "encoders":
+        return ",".join(f"{w:g}" for w in value) if value else "default"
     if isinstance(value, float):
         return f"{value:g}"
     if axis == "prompt" and len(value) > 28:
@@ -201,7 +207,7 @@ def plan(pipe, sweep: Sweep, base: Recipe) -> list[Tile]:
         c = dict(zip(names, combo, strict=True))
         schedule = c["mod"] if "mod" in c else Schedule(c["start"], c["rate"], c["accel"])
         mods = normalize_mods(pipe.unet, {c["block"]: schedule})
-        recipe = replace(base, prompt=c["prompt"], seed=int(c["seed"])).with_mods(mods)
+        recipe = replace(base, prompt=c["prompt"], seed=int(c["seed"]), encoder_weights=c["encoders"]).with_mods(mods)
         tiles.append(Tile(recipe, c))
     return tiles
 
@@ -216,6 +222,7 @@ def run_scan(
     progress: bool | Callable[[int, int], None] = True,
     tile_px: int | None = None,
     title: str = "",
+    side_by_side: bool = False,
 ) -> ScanResult:
     """Render every tile of ``sweep`` not already on disk under ``out``, in batches of ``batch_size``.
 
@@ -223,7 +230,8 @@ def run_scan(
     ``out/grid*.png``, and ``out/manifest.json`` lists every tile. Re-running resumes: a tile whose
     file exists with the same recipe is loaded, not recomputed. Tiles whose image is non-finite are
     not written; they are reported in ``ScanResult.failed`` and drawn as crossed placeholders.
-    ``progress`` is a tqdm switch or a ``callback(done, total)``.
+    ``progress`` is a tqdm switch or a ``callback(done, total)``. ``side_by_side`` also writes every
+    sheet in one row (the paper's Fig. 8: scans of A, B and A+B).
     """
     if batch_size < 1:
         raise ValueError("batch size must be >= 1")
@@ -264,7 +272,7 @@ def run_scan(
             write_manifest(out / "manifest.json", result, base)
     bar.close()
     if out is not None:
-        result.sheet_files = write_sheets(result, out)
+        result.sheet_files = write_sheets(result, out, side_by_side)
         write_manifest(out / "manifest.json", result, base)
     return result
 
@@ -278,9 +286,13 @@ def _already_done(path: Path | None, recipe: Recipe) -> bool:
         return False
 
 
-def write_sheets(result: ScanResult, out: Path) -> list[Path]:
+def write_sheets(result: ScanResult, out: Path, side_by_side: bool = False) -> list[Path]:
+    """One PNG per sheet; with ``side_by_side`` also all sheets in one row (``grid-side-by-side.png``)."""
     sheets = result.sheets()
     files = []
+    if side_by_side and len(sheets) > 1:
+        row = grid_side_by_side([result.grid(i) for i in range(len(sheets))])
+        files.append(atomic_write(out / "grid-side-by-side.png", lambda f: row.save(f, format="PNG")))
     for i, (fixed, _) in enumerate(sheets):
         suffix = "" if len(sheets) == 1 else f"-{i:02d}-" + "-".join(_slug(_label(a, v)) for a, v in fixed.items())
         path = out / f"grid{suffix}.png"
@@ -303,7 +315,7 @@ def write_manifest(path: Path, result: ScanResult, base: Recipe) -> None:
         "tiles": [{
             "file": str(t.path.relative_to(path.parent)) if t.path else None,
             "status": t.status,
-            "coords": {a: (v.to_text() if isinstance(v, Schedule) else v) for a, v in t.coords.items()},
+            "coords": {a: (_value_text(a, v) if isinstance(v, Schedule | tuple) else v) for a, v in t.coords.items()},
             "recipe": t.recipe.to_dict(),
             "summary": describe(t.recipe, result.short_names),
         } for t in result.tiles],
