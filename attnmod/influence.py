@@ -20,6 +20,8 @@ from .recipe import Recipe, atomic_write, write_json
 from .schedule import Schedule
 from .sweep import ScanResult, Sweep, run_scan
 
+DEFAULT_SETTING = Schedule(-5.0, 0.2)  # |start| > 2 and |rate| >= 0.2: where the paper sees new styles
+
 
 def pixel_change(image: Image.Image, reference: Image.Image) -> float:
     """Mean absolute difference of two RGB images, in [0, 1]."""
@@ -61,7 +63,7 @@ class InfluenceResult:
         return grid
 
 
-def block_influence(pipe, base: Recipe, setting: Schedule = Schedule(-5.0, 0.2), *, blocks: str = "all",
+def block_influence(pipe, base: Recipe, setting: Schedule = DEFAULT_SETTING, *, blocks: str = "all",
                     out: str | Path | None = None, batch_size: int = 8, progress=True) -> InfluenceResult:
     """Render ``setting`` at each block (one at a time) and the default image; score each block."""
     if setting.is_neutral:
