@@ -83,9 +83,9 @@ def resolve_blocks(model, selector: str | list[str]) -> list[Block]:
     A selector is a short name (``U1A1A2``), a full name with or without ``.processor``, a group
     (``all``, ``self``, ``cross``), a glob over short or full names (``U*A2``, ``D1*``), or several of
     these joined by ``+`` or given as a list. Anything that matches nothing raises ``ValueError``
-    naming the closest valid names.
+    naming the closest valid names. ``model`` may also be the list ``list_blocks`` returned.
     """
-    blocks = list_blocks(model)
+    blocks = model if isinstance(model, list) else list_blocks(model)
     parts = selector if isinstance(selector, list | tuple) else str(selector).split("+")
     chosen: set[str] = set()
     for raw in parts:

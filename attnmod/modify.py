@@ -21,7 +21,7 @@ from contextvars import ContextVar
 import numpy as np
 import torch
 
-from .blocks import resolve_blocks
+from .blocks import Block, list_blocks, resolve_blocks
 from .schedule import Schedule, as_schedule
 
 # True while an on_step callback makes extra UNet calls (e.g. evaluating candidates): no AttnMod
@@ -31,12 +31,13 @@ _EXTRA_CALL: ContextVar[bool] = ContextVar("attnmod_extra_unet_call", default=Fa
 Mods = Mapping[str, object]  # block selector -> Schedule | number | (start, rate[, accel]) | "text"
 
 
-def normalize_mods(unet, mods: Mods) -> dict[str, Schedule]:
+def normalize_mods(unet, mods: Mods, blocks: list[Block] | None = None) -> dict[str, Schedule]:
     """``{"U1A1A2": -5, "M0A0*": (1, 0.2)}`` -> ``{full block name: Schedule}`` (selectors resolved)."""
+    blocks = blocks if blocks is not None else list_blocks(unet)
     out: dict[str, Schedule] = {}
     for selector, value in mods.items():
         schedule = as_schedule(value)
-        for block in resolve_blocks(unet, selector):
+        for block in resolve_blocks(blocks, selector):
             out[block.name] = schedule
     return out
 
@@ -63,9 +64,10 @@ class AttnMod:
         per_image = [mods] if isinstance(mods, Mapping) else list(mods)
         if not per_image:
             raise ValueError("modify() needs at least one mapping of block -> schedule")
-        self.per_image = [normalize_mods(self.unet, m) for m in per_image]
+        all_blocks = list_blocks(self.unet)
+        self.per_image = [normalize_mods(self.unet, m, all_blocks) for m in per_image]
         names = {n for m in self.per_image for n in m}
-        self.blocks = [b for b in resolve_blocks(self.unet, "all") if b.name in names] if names else []
+        self.blocks = [b for b in all_blocks if b.name in names]
         self.auto_step = auto_step
         self.on_step = on_step  # on_step(ctl, unet_args, unet_kwargs): may call the UNet, set_multipliers
         self._handles: list = []
@@ -181,11 +183,10 @@ class AttnMod:
             raise RuntimeError("this AttnMod is already installed")
         if not self.blocks:
             return self  # nothing to modify: no hooks at all
-        modules = dict(self.unet.named_modules())
         try:
             self._handles.append(self.unet.register_forward_pre_hook(self._on_unet_call, with_kwargs=True))
             for block in self.blocks:
-                to_out = modules[block.name].to_out[0]
+                to_out = self.unet.get_submodule(block.name).to_out[0]
                 self._handles.append(to_out.register_forward_pre_hook(self._scale_hook(block.name)))
         except BaseException:
             self.__exit__(None, None, None)

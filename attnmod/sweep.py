@@ -200,13 +200,14 @@ def plan(pipe, sweep: Sweep, base: Recipe) -> list[Tile]:
     """One tile per point of the sweep, each with its full recipe."""
     axes = sweep.axes()
     names = list(axes)
+    blocks = list_blocks(pipe.unet)
     for group in axes["block"]:
-        resolve_blocks(pipe.unet, group)  # unknown names fail here, before anything runs
+        resolve_blocks(blocks, group)  # unknown names fail here, before anything runs
     tiles = []
     for combo in itertools.product(*(axes[a] for a in names)):
         c = dict(zip(names, combo, strict=True))
         schedule = c["mod"] if "mod" in c else Schedule(c["start"], c["rate"], c["accel"])
-        mods = normalize_mods(pipe.unet, {c["block"]: schedule})
+        mods = normalize_mods(pipe.unet, {c["block"]: schedule}, blocks)
         recipe = replace(base, prompt=c["prompt"], seed=int(c["seed"]), encoder_weights=c["encoders"]).with_mods(mods)
         tiles.append(Tile(recipe, c))
     return tiles

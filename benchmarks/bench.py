@@ -1,0 +1,198 @@
+"""attnmod benchmarks: ratios measured side by side in one run (not timed tests).
+
+    python benchmarks/bench.py --quick            # < 2 min on 2 CPU cores (CI runs this)
+    python benchmarks/bench.py                    # the figures in docs/benchmarks.md
+    python benchmarks/bench.py --device cuda      # on a GPU
+
+1. hook overhead: stock pipeline vs AttnMod installed at neutral settings on every block, one block
+   modified, and every block modified — on a UNet with the full SD1.5 architecture and random weights
+   (same compute as the real model, from attnmod/configs/sd15_unet.json; small text encoder and VAE),
+   and on the embedded model. Conditions are interleaved round by round; medians are reported.
+2. scan throughput: an attention scan done the naive way (one pipeline call per tile, processors
+   re-installed every step as in the authors' reference code) vs attnmod's batched scan.
+3. greedy strategy: candidates in one batched UNet call per step vs one UNet call per candidate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+warnings.filterwarnings("ignore")
+
+import torch  # noqa: E402
+from diffusers import StableDiffusionPipeline, UNet2DConditionModel  # noqa: E402
+
+import attnmod  # noqa: E402
+from attnmod import Recipe, Schedule, Sweep, run_scan  # noqa: E402
+from attnmod.blocks import list_blocks  # noqa: E402
+from attnmod.loading import EMBEDDED_MODEL, load_pipeline  # noqa: E402
+from attnmod.strategy import run_strategy  # noqa: E402
+from attnmod.tiny import _scheduler, _text_encoder, _tokenizer, _vae  # noqa: E402
+
+CONFIG = Path(attnmod.__file__).parent / "configs" / "sd15_unet.json"
+
+
+def sd15_architecture(device, dtype) -> StableDiffusionPipeline:
+    """The full SD1.5 UNet (859 M parameters, random weights) with a small text encoder and VAE."""
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel.from_config(json.loads(CONFIG.read_text())).eval()
+    tokenizer = _tokenizer()
+    pipe = StableDiffusionPipeline(
+        vae=_vae(), text_encoder=_text_encoder(tokenizer, 768), tokenizer=tokenizer, unet=unet,
+        scheduler=_scheduler(), safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device, dtype)
+
+
+def timed(fn, device) -> float:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    fn()
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
+def interleaved(conditions: dict, rounds: int, device) -> dict[str, float]:
+    """Median seconds per condition; one warm-up each, then the conditions alternate every round."""
+    for fn in conditions.values():
+        fn()
+    times = {name: [] for name in conditions}
+    for _ in range(rounds):
+        for name, fn in conditions.items():
+            times[name].append(timed(fn, device))
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def overhead(pipe, recipe: Recipe, rounds: int, device) -> list[tuple[str, float, float]]:
+    names = [b.name for b in list_blocks(pipe.unet)]
+
+    def call(mods=None):
+        def fn():
+            if mods is None:
+                render_stock(pipe, recipe)
+            else:
+                with attnmod.modify(pipe, mods):
+                    render_stock(pipe, recipe)
+        return fn
+
+    conditions = {
+        "stock diffusers": call(),
+        "AttnMod, all blocks neutral": call({n: Schedule() for n in names}),
+        "AttnMod, U1A1A2 modified": call({"U1A1A2": Schedule(-5, 0.2)}),
+        f"AttnMod, all {len(names)} blocks modified": call({n: Schedule(-5, 0.2) for n in names}),
+    }
+    med = interleaved(conditions, rounds, device)
+    base = med["stock diffusers"]
+    return [(name, t, t / base) for name, t in med.items()]
+
+
+def render_stock(pipe, recipe: Recipe):
+    with torch.inference_mode():
+        pipe(recipe.prompt, num_inference_steps=recipe.steps, guidance_scale=recipe.guidance,
+             width=recipe.width, height=recipe.height, generator=torch.Generator("cpu").manual_seed(0),
+             output_type="latent")
+
+
+def naive_scan(pipe, recipes: list[Recipe]) -> None:
+    """The reference way: one pipeline call per tile, processors re-installed at every step."""
+    for r in recipes:
+        def reinstall(p, i, t, kw):
+            processors = dict(p.unet.attn_processors)  # set_attn_processor empties its argument: copy
+            p.unet.set_attn_processor(processors)
+            return kw
+
+        with attnmod.modify(pipe, r.mods_dict), torch.inference_mode():
+            pipe(r.prompt, num_inference_steps=r.steps, guidance_scale=r.guidance, width=r.width, height=r.height,
+                 generator=torch.Generator("cpu").manual_seed(r.seed), output_type="np",
+                 callback_on_step_end=reinstall)
+
+
+def scan_throughput(pipe, base: Recipe, starts: int, rates: int, batch: int, device):
+    sweep = Sweep(prompts=(base.prompt,), starts=tuple(range(-20, -20 + 10 * starts, 10))[:starts],
+                  rates=tuple(round(-1 + 2 * i / max(1, rates - 1), 3) for i in range(rates)))
+    from attnmod.sweep import plan
+
+    recipes = list({t.recipe.key: t.recipe for t in plan(pipe, sweep, base)}.values())
+    naive = timed(lambda: naive_scan(pipe, recipes), device)
+    batched = timed(lambda: run_scan(pipe, sweep, base, batch_size=batch, progress=False), device)
+    n = len(recipes)
+    return n, 60 * n / naive, 60 * n / batched
+
+
+def strategy_cost(pipe, base: Recipe, blocks: str, device):
+    batched = timed(lambda: run_strategy(pipe, base, blocks=blocks), device)
+    slow = timed(lambda: run_strategy(pipe, base, blocks=blocks, candidate_batch=1), device)
+    return batched, slow
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="small sizes; < 2 min on 2 CPU cores")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--json", help="also write the results here")
+    args = ap.parse_args(argv)
+    device = args.device
+    dtype = torch.float16 if device.startswith("cuda") else torch.float32
+    quick = args.quick
+    results = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch "
+               f"{torch.__version__}, threads {torch.get_num_threads()}", "device": device, "quick": quick}
+    if device.startswith("cuda"):
+        results["machine"] += f", {torch.cuda.get_device_name()}"
+    print(f"# attnmod benchmark on {results['machine']} ({device}){' --quick' if quick else ''}")
+
+    models = []
+    if not quick or device != "cpu":
+        size = 512 if device.startswith("cuda") else 128
+        models.append((f"SD1.5 architecture, random weights, {size}x{size}", sd15_architecture(device, dtype),
+                       Recipe("a photo of a cat", steps=4 if quick else 10, width=size, height=size)))
+    toy = "toy" if EMBEDDED_MODEL.joinpath("model_index.json").exists() else "tiny"
+    toy_pipe = load_pipeline(toy, device=device, dtype=dtype)
+    side = toy_pipe.unet.config.sample_size * toy_pipe.vae_scale_factor
+    toy_recipe = Recipe("a large red circle in the center, on a plain white background, flat style"
+                        if toy == "toy" else "a red cat", steps=20, width=side, height=side, guidance=3.0)
+    models.append((f"embedded model '{toy}', {side}x{side}", toy_pipe, toy_recipe))
+
+    print("\n## 1. hook overhead (median per generation; ratio to stock)")
+    results["overhead"] = {}
+    for label, pipe, recipe in models:
+        rows = overhead(pipe, recipe, rounds=3 if quick else 7, device=device)
+        results["overhead"][label] = rows
+        print(f"\n{label}, {recipe.steps} steps, CFG {recipe.guidance}")
+        for name, t, ratio in rows:
+            print(f"  {name:<34} {t * 1000:9.1f} ms   x{ratio:.3f}")
+
+    print("\n## 2. scan throughput (images per minute)")
+    starts, rates = (5, 3) if quick else (15, 9)
+    batch = 8 if device == "cpu" else 32
+    n, naive, batched = scan_throughput(toy_pipe, toy_recipe, starts, rates, batch, device)
+    results["scan"] = {"tiles": n, "naive_per_min": naive, "batched_per_min": batched, "batch": batch}
+    print(f"  {starts}x{rates} scan on '{toy}' ({n} distinct images, {toy_recipe.steps} steps)")
+    print(f"  naive, one call per tile, processors re-installed per step: {naive:8.1f} img/min")
+    print(f"  attnmod batched scan (batch {batch}):{'':23}{batched:8.1f} img/min   x{batched / naive:.2f}")
+
+    print("\n## 3. greedy strategy: batched candidates vs one UNet call per candidate")
+    blocks = "U*" if quick else "all"
+    strat_recipe = Recipe(toy_recipe.prompt, steps=8 if quick else 20, width=side, height=side, guidance=3.0)
+    batched_s, slow_s = strategy_cost(toy_pipe, strat_recipe, blocks, device)
+    results["strategy"] = {"blocks": blocks, "batched_s": batched_s, "per_candidate_s": slow_s}
+    print(f"  '{toy}', blocks {blocks}, {strat_recipe.steps} steps: batched {batched_s:.2f} s, "
+          f"per-candidate {slow_s:.2f} s   x{slow_s / batched_s:.2f} faster")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
