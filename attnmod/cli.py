@@ -295,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
     _quiet_libraries()
     parser = build_parser()
     args = parser.parse_args(_glue_negative_values(list(sys.argv[1:] if argv is None else argv)))
-    handler = COMMANDS.get(args.command) or getattr(args, "handler", None)
+    handler = COMMANDS.get(args.command) or args.func  # toy subcommands set func
     try:
         return handler(args) or 0
     except (ValueError, ModelLoadError, FileNotFoundError) as e:
