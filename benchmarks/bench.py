@@ -11,6 +11,9 @@
 2. scan throughput: an attention scan done the naive way (one pipeline call per tile, processors
    re-installed every step as in the authors' reference code) vs attnmod's batched scan.
 3. greedy strategy: candidates in one batched UNet call per step vs one UNet call per candidate.
+4. memory: peak memory of plain generation vs generation under AttnMod (every block modified), each in a
+   fresh process (CPU: peak resident set size; CUDA: peak allocated). Attention-map capture and
+   StyleAligned join this table as they land.
 """
 
 from __future__ import annotations
@@ -137,6 +140,38 @@ def strategy_cost(pipe, base: Recipe, blocks: str, device):
     return batched, slow
 
 
+MEMORY_CHILD = """
+import os, resource, sys, warnings, torch
+warnings.filterwarnings("ignore")
+from attnmod import Recipe, Schedule, load_pipeline
+from attnmod.generate import render
+model, device, condition = sys.argv[1:4]
+dtype = torch.float16 if device.startswith("cuda") else torch.float32
+pipe = load_pipeline(model, device=device, dtype=dtype)
+side = pipe.unet.config.sample_size * pipe.vae_scale_factor
+recipe = Recipe("a large red circle in the center, on a plain white background, flat style", steps=10,
+                width=side, height=side, guidance=3.0)
+if condition == "attnmod":
+    recipe = recipe.with_mods({k.removesuffix(".processor"): Schedule(-5, 0.2) for k in pipe.unet.attn_processors})
+before = torch.cuda.max_memory_allocated() if device.startswith("cuda") else 0
+if device.startswith("cuda"):
+    torch.cuda.reset_peak_memory_stats()
+render(pipe, [recipe] * 4)
+if device.startswith("cuda"):
+    print(torch.cuda.max_memory_allocated())
+else:
+    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+"""
+
+
+def peak_memory(model: str, device: str, condition: str) -> int:
+    import subprocess
+
+    out = subprocess.run([sys.executable, "-c", MEMORY_CHILD, model, device, condition], check=True,
+                         capture_output=True, text=True)
+    return int(out.stdout.strip().splitlines()[-1])
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="small sizes; < 2 min on 2 CPU cores")
@@ -189,6 +224,14 @@ def main(argv=None) -> int:
     results["strategy"] = {"blocks": blocks, "batched_s": batched_s, "per_candidate_s": slow_s}
     print(f"  '{toy}', blocks {blocks}, {strat_recipe.steps} steps: batched {batched_s:.2f} s, "
           f"per-candidate {slow_s:.2f} s   x{slow_s / batched_s:.2f} faster")
+    print("\n## 4. peak memory, 4 images per batch, each condition in a fresh process")
+    results["memory"] = {}
+    what = "peak allocated" if device.startswith("cuda") else "peak RSS"
+    plain = peak_memory(toy, device, "plain")
+    for condition, label in (("plain", "plain generation"), ("attnmod", "AttnMod, every block modified")):
+        peak = plain if condition == "plain" else peak_memory(toy, device, condition)
+        results["memory"][label] = peak
+        print(f"  {label:<34} {what} {peak / 2**20:8.1f} MiB   x{peak / plain:.3f}")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
     return 0
