@@ -103,13 +103,27 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _load(args, model: str | None = None):
     args.model = args.model or model or DEFAULT_MODEL
+    prompts = getattr(args, "prompt", None)
+    _check_prompts(args.model, [*(prompts if isinstance(prompts, list) else [prompts]),
+                                getattr(args, "negative_prompt", "")])
     return load_pipeline(args.model, device=args.device, dtype=args.dtype, scheduler=args.scheduler,
                          config=args.config)
+
+
+def _check_prompts(model: str, prompts) -> None:
+    """The embedded toy model knows a small vocabulary: unknown words are an error that lists it."""
+    if model == DEFAULT_MODEL:
+        from .toy.dataset import check_prompt
+
+        for prompt in prompts:
+            if prompt:
+                check_prompt(prompt)
 
 
 def _base_recipe(args, pipe, prompt: str, seed: int = 0):
     from .defaults import model_defaults
     from .recipe import Recipe
+
 
     d = model_defaults(pipe)
     width, height = args.size or (d["width"], d["height"])

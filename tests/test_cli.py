@@ -121,3 +121,10 @@ def test_sdxl_folder_loads_and_lists_its_blocks(sdxl, tmp_path, capsys):
     assert main(["blocks", "--model", str(tmp_path / "xl")]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 56 and lines[0].startswith("D1A0T0A1  down_blocks.1.attentions.0.transformer_blocks.0.attn1")
+
+
+def test_unknown_words_for_the_embedded_model_list_its_vocabulary(tmp_path, capsys):
+    code = main(["generate", "--prompt", "a large zebra in the center", "--out", str(tmp_path / "z.png")])
+    err = capsys.readouterr().err
+    assert code == 2 and "does not know: zebra" in err and "vocabulary" in err
+    assert not (tmp_path / "z.png").exists()
