@@ -54,7 +54,7 @@ def sd15_architecture(device, dtype) -> StableDiffusionPipeline:
         vae=_vae(), text_encoder=_text_encoder(tokenizer, 768), tokenizer=tokenizer, unet=unet,
         scheduler=_scheduler(), safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
-    return pipe.to(device, dtype)
+    return pipe.to(device) if dtype == torch.float32 else pipe.to(device, dtype)
 
 
 def timed(fn, device) -> float:
@@ -191,7 +191,7 @@ def main(argv=None) -> int:
     if not quick or device != "cpu":
         size = 512 if device.startswith("cuda") else 128
         models.append((f"SD1.5 architecture, random weights, {size}x{size}", sd15_architecture(device, dtype),
-                       Recipe("a photo of a cat", steps=4 if quick else 10, width=size, height=size)))
+                       Recipe("a photo of a cat", steps=4 if quick else 8, width=size, height=size)))
     toy = "toy" if EMBEDDED_MODEL.joinpath("model_index.json").exists() else "tiny"
     toy_pipe = load_pipeline(toy, device=device, dtype=dtype)
     side = toy_pipe.unet.config.sample_size * toy_pipe.vae_scale_factor
@@ -202,7 +202,7 @@ def main(argv=None) -> int:
     print("\n## 1. hook overhead (median per generation; ratio to stock)")
     results["overhead"] = {}
     for label, pipe, recipe in models:
-        rows = overhead(pipe, recipe, rounds=3 if quick else 7, device=device)
+        rows = overhead(pipe, recipe, rounds=3 if quick else 5, device=device)
         results["overhead"][label] = rows
         print(f"\n{label}, {recipe.steps} steps, CFG {recipe.guidance}")
         for name, t, ratio in rows:

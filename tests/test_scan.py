@@ -137,3 +137,15 @@ def test_python_api_scan_returns_images_and_grid(sd):
     result = attnmod.scan(sd, "a red cat", blocks=["U1A1A2"], starts=[-5, 10], rates=[0.5], steps=2, size=32)
     assert len(result.images) == 3 * 2 and all(im.size == (32, 32) for im in result.images)
     assert result.grid().width >= 3 * 128
+
+
+def test_more_than_two_axes_make_one_sheet_per_value(sd, tmp_path):
+    sweep = Sweep(prompts=("a red cat", "a blue dog"), seeds=(0, 1), starts=(-5.0,), rates=(0.5,))
+    assert sweep.layout() == ("start", "rate", ["seed", "prompt"])
+    result = run_scan(sd, sweep, BASE, out=tmp_path, batch_size=16, progress=False)
+    names = [p.name for p in result.sheet_files]
+    assert len(names) == 4 and names[0].startswith("grid-00-seed_0-prompt_a_red_cat")
+    for fixed, rows in result.sheets():
+        assert all(t.recipe.seed == fixed["seed"] and t.recipe.prompt == fixed["prompt"] for row in rows for t in row)
+    fig4 = Sweep(prompts=("a red cat",), seeds=(0, 1, 2), settings=(Schedule(-5, 0.2),), x="seed", y="mod")
+    assert fig4.layout() == ("seed", "mod", [])
