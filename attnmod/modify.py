@@ -7,9 +7,9 @@ without touching any processor: a forward pre-hook on ``attn.to_out[0]`` scales 
 It therefore composes with every stock processor (SDPA, xformers, sliced, LoRA-wrapped projections)
 and with other attnmod interventions that replace processors.
 
-The step is explicit state. A pre-forward hook on the UNet starts a new loop when the scheduler's
-``timesteps`` tensor is a new object (every pipeline call runs ``scheduler.set_timesteps``) and
-otherwise advances by one UNet call; callers that own their loop pass ``auto_step=False`` and call
+The step is explicit state (``steps.LoopClock``): a pre-forward hook on the UNet starts a new loop
+when the scheduler's ``timesteps`` tensor is a new object (every pipeline call runs
+``scheduler.set_timesteps``) and otherwise advances by one UNet call; callers that own their loop pass ``auto_step=False`` and call
 ``set_step(i)``. Per-step multipliers are compiled once per loop into a (steps, images) table.
 """
 
@@ -23,6 +23,7 @@ import torch
 
 from .blocks import Block, list_blocks, resolve_blocks
 from .schedule import Schedule, as_schedule
+from .steps import LoopClock
 
 # True while an on_step callback makes extra UNet calls (e.g. evaluating candidates): no AttnMod
 # counts those as loop steps.
@@ -71,6 +72,7 @@ class AttnMod:
         self.auto_step = auto_step
         self.on_step = on_step  # on_step(ctl, unet_args, unet_kwargs): may call the UNet, set_multipliers
         self._handles: list = []
+        self._clock = LoopClock(self._owner)
         self._tables: dict[str, torch.Tensor] = {}  # name -> (steps, images) on the UNet's device
         self._neutral: dict[str, np.ndarray] = {}  # name -> (steps,) bool: every image at 1.0
         self._current: dict[str, torch.Tensor | None] = {}  # name -> (B, 1, 1) for this step
@@ -141,11 +143,9 @@ class AttnMod:
             return None  # a UNet call made by an on_step callback, not a step of the loop
         sample = args[0] if args else kwargs["sample"]
         if self.auto_step:
-            timesteps = getattr(getattr(self._owner, "scheduler", None), "timesteps", None)
-            if self._num_steps is None or (timesteps is not None and timesteps is not self._loop_timesteps):
-                self._loop_timesteps = timesteps  # a new loop: set_timesteps made a new tensor
+            if self._clock.tick() or self._num_steps is None:
                 self.start_loop(self._loop_length(), sample.device)
-            self.set_step(self.step + 1, sample.shape[0])
+            self.set_step(self._clock.step, sample.shape[0])
         elif self._num_steps is None or self.step < 0:
             raise RuntimeError("with auto_step=False call start_loop(n) and set_step(i) before the UNet runs")
         else:
@@ -162,7 +162,7 @@ class AttnMod:
         """Forget the current loop; the next UNet call starts a new one."""
         self.step = -1
         self._num_steps = None
-        self._loop_timesteps = None
+        self._clock.reset()
         self._tables, self._neutral, self._current = {}, {}, {}
 
     def _scale_hook(self, name: str):

@@ -1,0 +1,116 @@
+"""The one re-implementation of diffusers' attention with its parts exposed (q, k, v, probabilities).
+
+AttnMod itself needs none of this (it scales ``to_out``'s input with a hook). Methods that must see or
+change the attention's inside — attention maps, StyleAligned's shared keys and AdaIN, Prompt-to-Prompt —
+install ``ExplicitAttnProcessor`` on the blocks they need, and only there: other blocks keep the fused
+kernel. It mirrors ``AttnProcessor`` (spatial/group norm, cross norm, masks, q/k norms, residual,
+rescale) step for step and is tested against the stock processor.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class AttentionCall:
+    """What an observer sees of one attention call."""
+
+    name: str  # full block name
+    is_cross: bool
+    heads: int
+    query_shape: tuple[int, ...]  # (B, Nq, C) of the hidden states, before heads split
+
+
+ProbsHook = Callable[[AttentionCall, torch.Tensor], torch.Tensor | None]  # probs (B, h, Nq, Nk) -> new or None
+
+
+def attention_probs(query: torch.Tensor, key: torch.Tensor, scale: float, mask: torch.Tensor | None = None,
+                    upcast: bool = False) -> torch.Tensor:
+    """softmax(q kᵀ · scale + mask). query: (B, h, Nq, d); key: (B, h, Nk, d) -> (B, h, Nq, Nk)."""
+    dtype = query.dtype
+    if upcast:
+        query, key = query.float(), key.float()
+    scores = (query @ key.transpose(-1, -2)) * scale
+    if mask is not None:
+        scores = scores + mask
+    return scores.float().softmax(dim=-1).to(dtype)
+
+
+class ExplicitAttnProcessor:
+    """Attention with explicit probabilities; ``probs_hook`` may observe or replace them."""
+
+    def __init__(self, name: str, probs_hook: ProbsHook | None = None):
+        self.name = name
+        self.probs_hook = probs_hook
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
+                 *args, **kwargs):
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+        input_ndim = hidden_states.ndim
+        if input_ndim == 4:
+            batch, channel, height, width = hidden_states.shape
+            hidden_states = hidden_states.view(batch, channel, height * width).transpose(1, 2)
+        batch, _, _ = hidden_states.shape  # (B, Nq, C)
+        is_cross = encoder_hidden_states is not None
+        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+        if attention_mask is not None:
+            attention_mask = attn.prepare_attention_mask(attention_mask, context.shape[1], batch)
+            attention_mask = attention_mask.view(batch, attn.heads, -1, attention_mask.shape[-1])
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+        query = attn.to_q(hidden_states)
+        if is_cross and attn.norm_cross:
+            context = attn.norm_encoder_hidden_states(context)
+        key, value = attn.to_k(context), attn.to_v(context)
+        head_dim = key.shape[-1] // attn.heads
+        query, key, value = (t.view(batch, -1, attn.heads, head_dim).transpose(1, 2) for t in (query, key, value))
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+        probs = attention_probs(query, key, attn.scale, attention_mask, attn.upcast_attention)  # (B, h, Nq, Nk)
+        if self.probs_hook is not None:
+            call = AttentionCall(self.name, is_cross, attn.heads, tuple(hidden_states.shape))
+            replaced = self.probs_hook(call, probs)
+            probs = probs if replaced is None else replaced
+        hidden_states = (probs @ value).transpose(1, 2).reshape(batch, -1, attn.heads * head_dim)  # (B, Nq, C)
+        hidden_states = attn.to_out[1](attn.to_out[0](hidden_states.to(query.dtype)))
+        if input_ndim == 4:
+            hidden_states = hidden_states.transpose(-1, -2).reshape(batch, channel, height, width)
+        if attn.residual_connection:
+            hidden_states = hidden_states + residual
+        return hidden_states / attn.rescale_output_factor
+
+
+class explicit_attention:  # noqa: N801 - used like a function: ``with explicit_attention(unet, {...}):``
+    """Install ``ExplicitAttnProcessor`` on some blocks; restore exactly the processors found on exit.
+
+    ``hooks`` maps full block names to a probs hook (or None to only compute explicitly).
+    """
+
+    def __init__(self, unet, hooks: dict[str, ProbsHook | None]):
+        self.unet = getattr(unet, "unet", unet)
+        self.hooks = hooks
+        self._saved = None
+
+    def __enter__(self):
+        self._saved = dict(self.unet.attn_processors)  # set_attn_processor empties what it is given
+        processors = dict(self._saved)
+        for name, hook in self.hooks.items():
+            key = name + ".processor"
+            if key not in processors:
+                raise ValueError(f"no attention block {name!r}")
+            processors[key] = ExplicitAttnProcessor(name, hook)
+        self.unet.set_attn_processor(processors)
+        return self
+
+    def __exit__(self, *exc):
+        if self._saved is not None:
+            self.unet.set_attn_processor(dict(self._saved))
+            self._saved = None

@@ -1,0 +1,62 @@
+import numpy as np
+import pytest
+import torch
+from conftest import run
+from PIL import Image
+
+from attnmod.attention import explicit_attention
+from attnmod.blocks import list_blocks
+from attnmod.maps import trace
+
+
+@pytest.mark.parametrize("name", ["sd", "sdxl"])
+def test_explicit_attention_equals_the_stock_processors(name, request):
+    pipe = request.getfixturevalue(name)
+    names = [b.name for b in list_blocks(pipe.unet)]
+    before = dict(pipe.unet.attn_processors)
+    stock_image = run(pipe)
+    seen = []
+    with explicit_attention(pipe.unet, {n: (lambda call, p: seen.append(call.name)) for n in names}):
+        explicit_image = run(pipe)
+    assert np.abs(explicit_image - stock_image).max() < 1e-4
+    assert set(seen) == set(names)
+    assert all(pipe.unet.attn_processors[k] is v for k, v in before.items())  # exactly what was found
+    assert np.array_equal(run(pipe), stock_image)
+
+
+def test_explicit_unet_output_matches_stock_within_1e_4(sd):
+    torch.manual_seed(0)
+    sample, context = torch.randn(2, 4, 16, 16), torch.randn(2, 16, 32)
+    with torch.no_grad():
+        stock = sd.unet(sample, 10, context).sample
+        with explicit_attention(sd.unet, {b.name: None for b in list_blocks(sd.unet)}):
+            explicit = sd.unet(sample, 10, context).sample
+    assert (explicit - stock).abs().max() < 1e-4
+
+
+def test_trace_aggregates_maps_and_restores(sd):
+    before = dict(sd.unet.attn_processors)
+    with trace(sd, steps=(1, 3)) as tc:
+        image = run(sd, prompt="a red cat", steps=4)
+    maps = tc.result("a red cat")
+    assert sd.unet.attn_processors == before
+    assert maps.cross.shape == (1, 16, 16, 16)  # (images, latent H, W, tokens): CFG's conditional half only
+    assert maps.self_maps.shape == (1, 256, 256) and maps.self_resolution == (16, 16)
+    rows = maps.self_maps[0].sum(-1)  # each softmax row sums to 1: rows sum to heads x steps x blocks
+    heads = sd.unet.get_submodule("down_blocks.0.attentions.0.transformer_blocks.0.attn1").heads
+    heads_steps_blocks = heads * 2 * 5  # steps 1-2; self blocks at 16x16: D0A0, D0A1, U3A0, U3A1, U3A2
+    assert torch.allclose(rows, torch.full_like(rows, heads_steps_blocks))
+    m = maps.word_map("cat")
+    assert m.shape == (16, 16) and float(m.min()) == 0 and float(m.max()) == pytest.approx(1)
+    pil = Image.fromarray((image[0] * 255).astype(np.uint8))
+    assert maps.overlay(pil, "cat").size == pil.size
+    assert maps.self_attention_pca().size == (16, 16)
+    with pytest.raises(ValueError, match="tokens are: a red cat"):
+        maps.word_map("dog")
+
+
+def test_trace_without_a_run_is_a_clear_error(sd):
+    with trace(sd, blocks="cross") as tc:
+        pass
+    with pytest.raises(ValueError, match="nothing was captured"):
+        tc.result("a red cat")
