@@ -6,6 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from PIL import Image
+
 from .loading import DEFAULT_MODEL, SCHEDULERS, ModelLoadError, load_pipeline
 
 
@@ -90,7 +92,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--out", required=True, help="output folder (re-running resumes)")
 
-    for name in ("generate", "scan", "strategy", "influence"):
+    p = sub.add_parser("maps", help="cross-attention word maps, self-attention PCA and self-segmentation")
+    _gen_args(p)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--blocks", default="all", help="blocks whose attention is captured (selector)")
+    p.add_argument("--segments", type=int, default=4, help="k of the self-attention k-means")
+    p.add_argument("--out", required=True, help="output folder")
+
+    for name in ("generate", "scan", "strategy", "influence", "maps"):
         sub.choices[name].add_argument("--quiet", action="store_true", help="no progress bar")
     try:
         from .toy import cli as toy_cli
@@ -275,7 +284,35 @@ def cmd_influence(args) -> int:
     return 0
 
 
-COMMANDS = {"blocks": cmd_blocks, "generate": cmd_generate, "scan": cmd_scan, "strategy": cmd_strategy,
+def cmd_maps(args) -> int:
+    from .generate import generate
+    from .grid import make_grid
+    from .maps import trace
+    from .recipe import atomic_write, save_png, to_pil
+    from .segment import self_segmentation
+
+    pipe = _load(args)
+    recipe = _base_recipe(args, pipe, args.prompt, args.seed)
+    with trace(pipe, blocks=args.blocks) as tc:
+        image = to_pil(generate(pipe, recipe))
+    maps = tc.result(recipe.prompt)
+    segmentation = self_segmentation(maps, k=args.segments)  # checks k before anything is written
+    out = Path(args.out)
+    save_png(image, out / "image.png", recipe)
+    words = list(dict.fromkeys(t.removesuffix("</w>") for t in maps.tokens[0]
+                               if not t.startswith("<|") and t.removesuffix("</w>").isalpha()))
+    sheet = make_grid([[image] + [maps.overlay(image, w) for w in words]], ["image"] + words, [""],
+                      title=f"cross-attention per word: {recipe.prompt!r}", tile_px=max(128, image.width))
+    pca = maps.self_attention_pca().resize((256, 256), Image.NEAREST)
+    for name, im in (("words.png", sheet), ("self-attention-pca.png", pca), ("segments.png", segmentation.image())):
+        atomic_write(out / name, lambda f, im=im: im.save(f, format="PNG"))
+    for s, legend in enumerate(segmentation.legend):
+        print(f"segment {s}: " + ", ".join(f"{w} {score:.2f}" for w, score in legend[:3]))
+    print(f"wrote {out}/image.png, words.png, self-attention-pca.png, segments.png")
+    return 0
+
+
+COMMANDS = {"blocks": cmd_blocks, "maps": cmd_maps, "generate": cmd_generate, "scan": cmd_scan, "strategy": cmd_strategy,
             "influence": cmd_influence}
 
 

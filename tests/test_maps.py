@@ -60,3 +60,46 @@ def test_trace_without_a_run_is_a_clear_error(sd):
         pass
     with pytest.raises(ValueError, match="nothing was captured"):
         tc.result("a red cat")
+
+
+def synthetic_maps():
+    """4x4 patches: the left half attends to itself, the right half to itself; 'cat' looks left, 'dog' right."""
+    from attnmod.maps import AttentionMaps
+
+    side = torch.arange(16) % 4 >= 2  # (16,) True on the right half
+    self_maps = (side[:, None] == side[None, :]).float()[None]  # (1, 16, 16)
+    cross = torch.zeros(1, 4, 4, 5)
+    cross[0, :, :2, 2] = 1.0  # token 2 = cat: left
+    cross[0, :, 2:, 4] = 1.0  # token 4 = dog: right
+    cross[0, :, :, 3] = 0.5  # token 3 = and: everywhere
+    tokens = [["<|startoftext|>", "a</w>", "cat</w>", "and</w>", "dog</w>"]]
+    return AttentionMaps(cross, self_maps, (4, 4), tokens)
+
+
+def test_self_segmentation_separates_and_labels_segments():
+    from attnmod.segment import self_segmentation
+
+    seg = self_segmentation(synthetic_maps(), k=2)
+    left, right = int(seg.labels[0, 0]), int(seg.labels[0, 3])
+    assert left != right
+    assert (seg.labels[:, :2] == left).all() and (seg.labels[:, 2:] == right).all()
+    assert seg.label(left) == "cat" and seg.legend[left][0][1] == pytest.approx(1.0)
+    assert seg.label(right) == "dog"
+    assert dict(seg.legend[left])["and"] == pytest.approx(0.5)
+    assert seg.image().width > 256
+    with pytest.raises(ValueError, match="k=17 segments but the map has 16 patches"):
+        self_segmentation(synthetic_maps(), k=17)
+
+
+def test_maps_cli_writes_word_maps_pca_and_segments(sd_folder, tmp_path, capsys):
+    from attnmod.cli import main
+
+    out = tmp_path / "maps"
+    assert main(["maps", "--model", str(sd_folder), "--prompt", "a red cat", "--steps", "3", "--size", "32x32",
+                 "--segments", "3", "--out", str(out)]) == 0
+    for name in ("image.png", "words.png", "self-attention-pca.png", "segments.png"):
+        assert (out / name).exists(), name
+    assert "segment 0:" in capsys.readouterr().out
+    assert main(["maps", "--model", str(sd_folder), "--prompt", "a red cat", "--steps", "2", "--size", "32x32",
+                 "--segments", "999", "--out", str(tmp_path / "bad")]) == 2
+    assert "patches" in capsys.readouterr().err

@@ -1,0 +1,87 @@
+"""Self-attention segmentation with segment labels (attention course slides, "self-segmentation").
+
+Patches that attend alike belong together: k-means over the rows of the aggregated self-attention map
+gives segments; each segment is then labelled with the prompt tokens whose cross-attention mass falls
+most inside it, with that fraction as the score (e.g. "1-cat 0.65, 4-sunglasses 0.19").
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw
+
+from .grid import _font
+from .maps import AttentionMaps
+
+PALETTE = [(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180),
+           (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128), (170, 110, 40)]
+
+
+def kmeans(points: torch.Tensor, k: int, iters: int = 50, seed: int = 0) -> torch.Tensor:
+    """Lloyd's k-means with k-means++ seeding. points: (N, D) -> labels (N,)."""
+    n = points.shape[0]
+    if not 1 <= k <= n:
+        raise ValueError(f"k={k} segments but the map has {n} patches; choose 1 <= k <= {n}")
+    g = torch.Generator().manual_seed(seed)
+    centers = points[torch.randint(n, (1,), generator=g)]
+    for _ in range(1, k):
+        d = torch.cdist(points, centers).min(1).values.pow(2)
+        centers = torch.cat([centers, points[torch.multinomial(d + 1e-12, 1, generator=g)]])
+    for _ in range(iters):
+        labels = torch.cdist(points, centers).argmin(1)
+        new = torch.stack([points[labels == j].mean(0) if (labels == j).any() else centers[j] for j in range(k)])
+        if torch.allclose(new, centers):
+            break
+        centers = new
+    return torch.cdist(points, centers).argmin(1)
+
+
+@dataclass
+class Segmentation:
+    labels: torch.Tensor  # (h, w) segment index per patch
+    legend: list[list[tuple[str, float]]]  # per segment: (word, fraction of its cross-attention inside), best first
+
+    def label(self, segment: int) -> str:
+        words = self.legend[segment]
+        return words[0][0] if words else "?"
+
+    def image(self, size: int = 256) -> Image.Image:
+        """The label map in colour with a legend: "segment-word score"."""
+        h, w = self.labels.shape
+        colours = np.array(PALETTE * (1 + len(self.legend) // len(PALETTE)), dtype=np.uint8)
+        rgb = Image.fromarray(colours[self.labels.numpy()]).resize((size, size * h // w), Image.NEAREST)
+        font = _font(14)
+        rows = len(self.legend)
+        out = Image.new("RGB", (rgb.width + 220, max(rgb.height, 22 * rows + 10)), (255, 255, 255))
+        out.paste(rgb, (0, 0))
+        draw = ImageDraw.Draw(out)
+        for s, words in enumerate(self.legend):
+            y = 8 + 22 * s
+            draw.rectangle((rgb.width + 10, y, rgb.width + 26, y + 16), fill=tuple(int(c) for c in colours[s]))
+            text = ", ".join(f"{word} {score:.2f}" for word, score in words[:2]) or "-"
+            draw.text((rgb.width + 32, y + 8), f"{s}: {text}", fill=(0, 0, 0), font=font, anchor="lm")
+        return out
+
+
+def self_segmentation(maps: AttentionMaps, k: int = 4, image: int = 0, seed: int = 0) -> Segmentation:
+    """Cluster the self-attention of ``image`` into ``k`` segments and label them with prompt words."""
+    if maps.self_maps is None:
+        raise ValueError("segmentation needs self-attention maps (trace(..., self_attention=True))")
+    h, w = maps.self_resolution
+    rows = maps.self_maps[image].float()  # (h*w, h*w)
+    rows = rows / rows.sum(-1, keepdim=True)
+    labels = kmeans(rows, k, seed=seed)  # (h*w,)
+    cross = maps.cross[image].permute(2, 0, 1)[None].float()  # (1, T, H, W)
+    cross = F.interpolate(cross, size=(h, w), mode="bilinear", align_corners=False)[0].flatten(1)  # (T, h*w)
+    words = [(i, t.removesuffix("</w>")) for i, t in enumerate(maps.tokens[image])
+             if not t.startswith("<|") and t.removesuffix("</w>").isalpha()]
+    legend = []
+    for s in range(k):
+        inside = labels == s
+        scores = [(word, float(cross[i, inside].sum() / (cross[i].sum() + 1e-8))) for i, word in words]
+        legend.append(sorted(scores, key=lambda ws: -ws[1]))
+    return Segmentation(labels.view(h, w), legend)
