@@ -99,7 +99,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--segments", type=int, default=4, help="k of the self-attention k-means")
     p.add_argument("--out", required=True, help="output folder")
 
-    for name in ("generate", "scan", "strategy", "influence", "maps"):
+    p = sub.add_parser("edit", help="Prompt-to-Prompt: edit an image by editing its prompt, keeping its layout")
+    _gen_args(p)
+    p.add_argument("--to", required=True, help="the edited prompt")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--refine", action="store_true", help="the edit adds words (aligned words keep their maps)")
+    p.add_argument("--cross-replace", type=float, default=0.8, help="fraction of steps with the source's cross maps")
+    p.add_argument("--self-replace", type=float, default=0.4, help="fraction of steps with the source's self maps")
+    p.add_argument("--reweight", action="append", default=[], metavar="WORD=FACTOR",
+                   help="scale a word's cross-attention in the edit (repeatable)")
+    p.add_argument("--out", required=True, help="output folder")
+
+    for name in ("generate", "scan", "strategy", "influence", "maps", "edit"):
         sub.choices[name].add_argument("--quiet", action="store_true", help="no progress bar")
     try:
         from .toy import cli as toy_cli
@@ -312,7 +323,35 @@ def cmd_maps(args) -> int:
     return 0
 
 
-COMMANDS = {"blocks": cmd_blocks, "maps": cmd_maps, "generate": cmd_generate, "scan": cmd_scan, "strategy": cmd_strategy,
+def cmd_edit(args) -> int:
+    from .grid import side_by_side
+    from .p2p import EditOptions, edit
+    from .recipe import atomic_write, to_pil
+
+    reweight = {}
+    for item in args.reweight:
+        word, sep, factor = item.partition("=")
+        if not sep:
+            raise ValueError(f"--reweight expects WORD=FACTOR, got {item!r}")
+        reweight[word] = float(factor)
+    options = EditOptions(args.cross_replace, args.self_replace, reweight)
+    pipe = _load(args)
+    _check_prompts(args.model, [args.to])
+    recipe = _base_recipe(args, pipe, args.prompt, args.seed)
+    result = edit(pipe, recipe.prompt, args.to, seed=recipe.seed, steps=recipe.steps, guidance=recipe.guidance,
+                  width=recipe.width, height=recipe.height, options=options,
+                  mode="refine" if args.refine else "swap")
+    out = Path(args.out)
+    source, edited = to_pil(result.source), to_pil(result.edited)
+    size = max(256, source.width)
+    pair = side_by_side([im.resize((size, size), Image.NEAREST) for im in (source, edited)], gap=8)
+    for name, im in (("source.png", source), ("edit.png", edited), ("side-by-side.png", pair)):
+        atomic_write(out / name, lambda f, im=im: im.save(f, format="PNG"))
+    print(f"wrote {out}/source.png, edit.png, side-by-side.png")
+    return 0
+
+
+COMMANDS = {"blocks": cmd_blocks, "maps": cmd_maps, "edit": cmd_edit, "generate": cmd_generate, "scan": cmd_scan, "strategy": cmd_strategy,
             "influence": cmd_influence}
 
 

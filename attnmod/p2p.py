@@ -1,0 +1,162 @@
+"""Prompt-to-Prompt (Hertz et al. 2022): edit an image by editing its prompt, keeping its layout.
+
+Source and edited prompt are generated together in one batch from the same noise. In the edited
+image's attention, for the first ``cross_replace_steps`` fraction of steps the cross-attention maps
+are the source's (word swap: all tokens; refinement: tokens aligned with the source, added words keep
+their own), and for the first ``self_replace_steps`` fraction the self-attention maps are the source's
+(at up to ``self_max_patches`` patches, as in the reference). Re-weighting scales chosen words'
+cross-attention in the edited image. Per-word overrides of ``cross_replace_steps`` use the field's
+``{"default_": 0.8, "cat": 0.4}`` form. Only the conditional half of the CFG batch is edited.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .attention import AttentionCall, explicit_attention
+from .blocks import list_blocks
+from .generate import finite
+from .steps import LoopClock
+
+
+@dataclass(frozen=True)
+class EditOptions:
+    cross_replace_steps: float | dict[str, float] = 0.8
+    self_replace_steps: float = 0.4
+    reweight: dict[str, float] = field(default_factory=dict)  # word -> factor for its cross-attention
+    self_max_patches: int = 32 * 32
+
+    def __post_init__(self):
+        fractions = self.cross_replace_steps.values() if isinstance(self.cross_replace_steps, dict) else [
+            self.cross_replace_steps]
+        for f in [*fractions, self.self_replace_steps]:
+            if not 0 <= f <= 1:
+                raise ValueError(f"replace steps are fractions in [0, 1], got {f}")
+
+
+def _words(tokenizer, prompt: str) -> list[str]:
+    return [t.removesuffix("</w>") for t in tokenizer.tokenize(prompt)]
+
+
+def token_mapping(tokenizer, source: str, target: str, mode: str) -> list[int | None]:
+    """For each token position of ``target`` (with start token at 0), the source position it copies, or None.
+
+    ``swap`` requires equal token counts (position i <- i); ``refine`` aligns the longest common
+    subsequence of words, so added words map to None.
+    """
+    src, tgt = _words(tokenizer, source), _words(tokenizer, target)
+    n = tokenizer.model_max_length
+    if mode == "swap":
+        if len(src) != len(tgt):
+            raise ValueError(f"a word swap needs prompts of the same token length ({len(src)} vs {len(tgt)}: "
+                             f"{' '.join(src)!r} -> {' '.join(tgt)!r}); to add words use refinement (--refine)")
+        return list(range(n))
+    # LCS alignment (dynamic programming over words)
+    table = np.zeros((len(src) + 1, len(tgt) + 1), dtype=int)
+    for i in range(len(src) - 1, -1, -1):
+        for j in range(len(tgt) - 1, -1, -1):
+            table[i, j] = table[i + 1, j + 1] + 1 if src[i] == tgt[j] else max(table[i + 1, j], table[i, j + 1])
+    mapping: list[int | None] = [0] + [None] * len(tgt)
+    i = j = 0
+    while i < len(src) and j < len(tgt):
+        if src[i] == tgt[j]:
+            mapping[j + 1] = i + 1
+            i, j = i + 1, j + 1
+        elif table[i + 1, j] >= table[i, j + 1]:
+            i += 1
+        else:
+            j += 1
+    tail = list(range(len(src) + 1, n))  # end and padding tokens align in order
+    return (mapping + tail + [None] * n)[:n]
+
+
+class PromptToPrompt:
+    """The probs hook: replaces and re-weights the edited image's attention (batch = [source, edit])."""
+
+    def __init__(self, pipe, source: str, target: str, options: EditOptions, mode: str):
+        tok = pipe.tokenizer
+        self.clock = LoopClock(pipe)
+        self.pipe = pipe
+        self.options = options
+        mapping = token_mapping(tok, source, target, mode)
+        self.index = torch.tensor([m if m is not None else i for i, m in enumerate(mapping)])
+        self.aligned = torch.tensor([m is not None for m in mapping])
+        words = ["<start>"] + _words(tok, target) + ["<end>"] * (tok.model_max_length - 1)
+        words = words[: tok.model_max_length]
+        self.words = words
+        self.weights = torch.ones(tok.model_max_length)
+        for word, factor in options.reweight.items():
+            hits = [i for i, w in enumerate(words) if w == word]
+            if not hits:
+                raise ValueError(f"cannot re-weight {word!r}: not in the edited prompt "
+                                 f"(its words are: {' '.join(_words(tok, target))})")
+            self.weights[hits] = factor
+        self.num_steps = 0
+
+    def cross_limit(self) -> torch.Tensor:
+        """Per target token: the fraction of steps during which its map is the source's."""
+        f = self.options.cross_replace_steps
+        if not isinstance(f, dict):
+            return torch.full((len(self.words),), float(f))
+        out = torch.full((len(self.words),), float(f.get("default_", 0.8)))
+        for word, frac in f.items():
+            out[[i for i, w in enumerate(self.words) if w == word]] = float(frac)
+        return out
+
+    def on_unet(self, module, args, kwargs):
+        if self.clock.tick():
+            timesteps = self.pipe.scheduler.timesteps
+            self.num_steps = len(timesteps)
+            self.cross_steps = (self.cross_limit() * self.num_steps).long()  # (T,)
+
+    def __call__(self, call: AttentionCall, probs: torch.Tensor) -> torch.Tensor | None:
+        cfg = getattr(self.pipe, "do_classifier_free_guidance", False)
+        half = probs.shape[0] // 2 if cfg else 0
+        cond = probs[half:]  # (2, h, Nq, Nk): source, edit
+        if cond.shape[0] != 2:
+            raise ValueError("Prompt-to-Prompt runs source and edit as one batch of two images")
+        step = self.clock.step
+        src, edit = cond[0], cond[1]
+        if call.is_cross:
+            replace = (step < self.cross_steps).to(probs.dtype)  # (T,) 1 where the source map is used
+            replace = replace * self.aligned.to(probs.dtype)
+            new = src[..., self.index] * replace + edit * (1 - replace)
+            new = new * self.weights.to(probs.dtype)
+        elif step < self.options.self_replace_steps * self.num_steps and probs.shape[-1] <= self.options.self_max_patches:
+            new = src
+        else:
+            return None
+        out = probs.clone()
+        out[half + 1] = new
+        return out
+
+
+@dataclass
+class EditResult:
+    source: np.ndarray  # (H, W, 3)
+    edited: np.ndarray
+
+
+def edit(pipe, source: str, target: str, *, seed: int = 0, steps: int = 20, guidance: float = 7.5,
+         width: int | None = None, height: int | None = None, options: EditOptions = EditOptions(),
+         mode: str = "swap") -> EditResult:
+    """Generate ``source`` and its edit ``target`` (word ``swap`` or ``refine``) from the same noise."""
+    if mode not in ("swap", "refine"):
+        raise ValueError(f"unknown edit mode {mode!r}: swap or refine")
+    p2p = PromptToPrompt(pipe, source, target, options, mode)
+    names = {b.name: p2p for b in list_blocks(pipe.unet)}
+    handle = pipe.unet.register_forward_pre_hook(p2p.on_unet, with_kwargs=True)
+    try:
+        with explicit_attention(pipe.unet, names), torch.inference_mode():
+            out = pipe([source, target], num_inference_steps=steps, guidance_scale=guidance, width=width,
+                       height=height, output_type="np",
+                       generator=[torch.Generator().manual_seed(seed) for _ in range(2)])
+    finally:
+        handle.remove()
+    images = np.asarray(out.images, dtype=np.float32)
+    if not finite(images).all():
+        raise ValueError("the edit came out non-finite (NaN/inf)")
+    return EditResult(images[0], images[1])

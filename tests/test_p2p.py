@@ -1,0 +1,79 @@
+import numpy as np
+import pytest
+import torch
+
+from attnmod.attention import AttentionCall
+from attnmod.p2p import EditOptions, PromptToPrompt, edit, token_mapping
+
+KW = dict(seed=0, steps=4, guidance=5.0, width=32, height=32)
+
+
+def plain(pipe, prompt):
+    with torch.inference_mode():
+        return pipe(prompt, num_inference_steps=4, guidance_scale=5.0, width=32, height=32, output_type="np",
+                    generator=torch.Generator().manual_seed(0)).images[0]
+
+
+def test_with_nothing_replaced_both_images_equal_plain_generation(sd):
+    result = edit(sd, "a red cat", "a red dog", options=EditOptions(0.0, 0.0), **KW)
+    assert np.abs(result.source - plain(sd, "a red cat")).max() < 1e-5
+    assert np.abs(result.edited - plain(sd, "a red dog")).max() < 1e-5
+
+
+def test_hook_replaces_aligned_cross_maps_and_self_maps_in_the_window(sd):
+    p2p = PromptToPrompt(sd, "a red cat", "a red cat with a dog", EditOptions(0.5, 0.25), "refine")
+    p2p.num_steps, p2p.cross_steps = 4, (p2p.cross_limit() * 4).long()
+    probs = torch.rand(4, 2, 16, 16)  # (uncond src, uncond edit, cond src, cond edit), h, Nq, tokens
+    sd._guidance_scale = 5.0  # as inside a CFG pipeline call
+    p2p.clock.step = 1
+    out = p2p(AttentionCall("x", True, 2, (4, 16, 32)), probs)
+    assert torch.equal(out[:3], probs[:3])  # unconditional half and the source untouched
+    assert torch.equal(out[3, ..., :4], probs[2, ..., :4])  # start, a, red, cat: the source's maps
+    assert torch.equal(out[3, ..., 4:7], probs[3, ..., 4:7])  # with, a, dog: added words keep theirs
+    p2p.clock.step = 2  # past 0.5 of 4 steps: no cross replacement
+    assert torch.equal(p2p(AttentionCall("x", True, 2, (4, 16, 32)), probs)[3], probs[3])
+    self_probs = torch.rand(4, 2, 16, 16)
+    p2p.clock.step = 0
+    assert torch.equal(p2p(AttentionCall("x", False, 2, (4, 16, 32)), self_probs)[3], self_probs[2])
+    p2p.clock.step = 1  # past 0.25 of 4 steps
+    assert p2p(AttentionCall("x", False, 2, (4, 16, 32)), self_probs) is None
+
+
+def test_token_mapping():
+    from attnmod.tiny import _tokenizer
+
+    tok = _tokenizer()
+    refine = token_mapping(tok, "a red cat", "a red cat with a dog", "refine")
+    assert refine[:8] == [0, 1, 2, 3, None, None, None, 4]
+    assert token_mapping(tok, "a red cat", "a blue cat", "swap")[:4] == [0, 1, 2, 3]
+    with pytest.raises(ValueError, match="use refinement"):
+        token_mapping(tok, "a red cat", "a red cat and dog", "swap")
+
+
+def test_reweighting_changes_the_edit_monotonically(sd):
+    change = {}
+    for factor in (1.0, 2.0, 4.0):
+        result = edit(sd, "a red cat", "a red cat", options=EditOptions(0.0, 0.0, reweight={"red": factor}), **KW)
+        change[factor] = float(np.abs(result.edited - result.source).mean())
+    assert change[1.0] == 0 and 0 < change[2.0] < change[4.0]
+
+
+def test_bad_edit_input(sd):
+    with pytest.raises(ValueError, match="not in the edited prompt .*a red dog"):
+        edit(sd, "a red cat", "a red dog", options=EditOptions(reweight={"blue": 2.0}), **KW)
+    with pytest.raises(ValueError, match="fractions"):
+        EditOptions(cross_replace_steps=1.5)
+    with pytest.raises(ValueError, match="unknown edit mode"):
+        edit(sd, "a red cat", "a red dog", mode="paint", **KW)
+
+
+def test_edit_cli(sd_folder, tmp_path, capsys):
+    from attnmod.cli import main
+
+    out = tmp_path / "edit"
+    assert main(["edit", "--model", str(sd_folder), "--prompt", "a red cat", "--to", "a red dog", "--steps", "3",
+                 "--size", "32x32", "--reweight", "red=2", "--out", str(out)]) == 0
+    assert all((out / n).exists() for n in ("source.png", "edit.png", "side-by-side.png"))
+    assert main(["edit", "--model", str(sd_folder), "--prompt", "a red cat", "--to", "a red cat and a dog",
+                 "--steps", "2", "--size", "32x32", "--out", str(tmp_path / "bad")]) == 2
+    assert "refinement" in capsys.readouterr().err
