@@ -11,9 +11,9 @@
 2. scan throughput: an attention scan done the naive way (one pipeline call per tile, processors
    re-installed every step as in the authors' reference code) vs attnmod's batched scan.
 3. greedy strategy: candidates in one batched UNet call per step vs one UNet call per candidate.
-4. memory: peak memory of plain generation vs generation under AttnMod (every block modified), each in a
-   fresh process (CPU: peak resident set size; CUDA: peak allocated). Attention-map capture and
-   StyleAligned join this table as they land.
+4. memory: peak memory of plain generation vs generation under AttnMod (every block modified) vs
+   attention-map capture on every block, each in a fresh process (CPU: peak resident set size; CUDA:
+   peak allocated). StyleAligned joins this table when it lands.
 """
 
 from __future__ import annotations
@@ -153,10 +153,15 @@ recipe = Recipe("a large red circle in the center, on a plain white background, 
                 width=side, height=side, guidance=3.0)
 if condition == "attnmod":
     recipe = recipe.with_mods({k.removesuffix(".processor"): Schedule(-5, 0.2) for k in pipe.unet.attn_processors})
-before = torch.cuda.max_memory_allocated() if device.startswith("cuda") else 0
 if device.startswith("cuda"):
     torch.cuda.reset_peak_memory_stats()
-render(pipe, [recipe] * 4)
+if condition == "maps":
+    from attnmod.maps import trace
+    with trace(pipe, blocks="all") as tc:
+        render(pipe, [recipe] * 4)
+    tc.result(recipe.prompt)
+else:
+    render(pipe, [recipe] * 4)
 if device.startswith("cuda"):
     print(torch.cuda.max_memory_allocated())
 else:
@@ -228,7 +233,8 @@ def main(argv=None) -> int:
     results["memory"] = {}
     what = "peak allocated" if device.startswith("cuda") else "peak RSS"
     plain = peak_memory(toy, device, "plain")
-    for condition, label in (("plain", "plain generation"), ("attnmod", "AttnMod, every block modified")):
+    for condition, label in (("plain", "plain generation"), ("attnmod", "AttnMod, every block modified"),
+                             ("maps", "attention maps, every block")):
         peak = plain if condition == "plain" else peak_memory(toy, device, condition)
         results["memory"][label] = peak
         print(f"  {label:<34} {what} {peak / 2**20:8.1f} MiB   x{peak / plain:.3f}")
