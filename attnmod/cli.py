@@ -250,7 +250,7 @@ def cmd_scan(args) -> int:
     x, y, sheets = sweep.layout()
     print(f"scan: {len(tiles)} tiles ({unique} distinct images) x {base.steps} steps = "
           f"{unique * base.steps} denoising steps; x={x}, y={y}" + (f", sheets by {', '.join(sheets)}" if sheets else ""))
-    title = f"{base.prompt!r} · seed {base.seed}" if len(sweep.prompts) == 1 and len(sweep.seeds) == 1 else ""
+    title = f"{base.prompt!r} · seed {sweep.seeds[0]}" if len(sweep.prompts) == 1 and len(sweep.seeds) == 1 else ""
     result = run_scan(pipe, sweep, base, out=args.out, batch_size=args.batch_size, progress=not args.quiet,
                       tile_px=args.tile_px, title=title, side_by_side=args.side_by_side or bool(args.pair))
     print(f"rendered {result.rendered} of {unique} images ({unique - result.pending_count} already done); "
