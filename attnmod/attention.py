@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 
 @dataclass
@@ -26,6 +27,8 @@ class AttentionCall:
 
 
 ProbsHook = Callable[[AttentionCall, torch.Tensor], torch.Tensor | None]  # probs (B, h, Nq, Nk) -> new or None
+# (q, k, v) each (B, h, N, d) -> (q, k, v, logit bias broadcastable to (B, h, Nq, Nk) or None); k, v may grow
+QKVHook = Callable[[AttentionCall, torch.Tensor, torch.Tensor, torch.Tensor], tuple]
 
 
 def attention_probs(query: torch.Tensor, key: torch.Tensor, scale: float, mask: torch.Tensor | None = None,
@@ -41,11 +44,14 @@ def attention_probs(query: torch.Tensor, key: torch.Tensor, scale: float, mask: 
 
 
 class ExplicitAttnProcessor:
-    """Attention with explicit probabilities; ``probs_hook`` may observe or replace them."""
+    """Attention with its parts exposed: ``qkv_hook`` may change q/k/v (and add a logit bias),
+    ``probs_hook`` may observe or replace the probabilities. Without a probs hook the fused SDPA kernel
+    computes the attention, so methods that only touch q/k/v (StyleAligned) stay fast."""
 
-    def __init__(self, name: str, probs_hook: ProbsHook | None = None):
+    def __init__(self, name: str, probs_hook: ProbsHook | None = None, qkv_hook: QKVHook | None = None):
         self.name = name
         self.probs_hook = probs_hook
+        self.qkv_hook = qkv_hook
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
                  *args, **kwargs):
@@ -74,12 +80,18 @@ class ExplicitAttnProcessor:
             query = attn.norm_q(query)
         if attn.norm_k is not None:
             key = attn.norm_k(key)
-        probs = attention_probs(query, key, attn.scale, attention_mask, attn.upcast_attention)  # (B, h, Nq, Nk)
-        if self.probs_hook is not None:
-            call = AttentionCall(self.name, is_cross, attn.heads, tuple(hidden_states.shape))
+        call = AttentionCall(self.name, is_cross, attn.heads, tuple(hidden_states.shape))
+        if self.qkv_hook is not None:
+            query, key, value, bias = self.qkv_hook(call, query, key, value)
+            if bias is not None:
+                attention_mask = bias if attention_mask is None else attention_mask + bias
+        if self.probs_hook is None:
+            out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, scale=attn.scale)
+        else:
+            probs = attention_probs(query, key, attn.scale, attention_mask, attn.upcast_attention)  # (B, h, Nq, Nk)
             replaced = self.probs_hook(call, probs)
-            probs = probs if replaced is None else replaced
-        hidden_states = (probs @ value).transpose(1, 2).reshape(batch, -1, attn.heads * head_dim)  # (B, Nq, C)
+            out = (probs if replaced is None else replaced) @ value
+        hidden_states = out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim)  # (B, Nq, C)
         hidden_states = attn.to_out[1](attn.to_out[0](hidden_states.to(query.dtype)))
         if input_ndim == 4:
             hidden_states = hidden_states.transpose(-1, -2).reshape(batch, channel, height, width)
@@ -91,22 +103,24 @@ class ExplicitAttnProcessor:
 class explicit_attention:  # noqa: N801 - used like a function: ``with explicit_attention(unet, {...}):``
     """Install ``ExplicitAttnProcessor`` on some blocks; restore exactly the processors found on exit.
 
-    ``hooks`` maps full block names to a probs hook (or None to only compute explicitly).
+    ``hooks`` maps full block names to a probs hook (None: probabilities are not needed), ``qkv_hooks``
+    full block names to a q/k/v hook.
     """
 
-    def __init__(self, unet, hooks: dict[str, ProbsHook | None]):
+    def __init__(self, unet, hooks: dict[str, ProbsHook | None], qkv_hooks: dict[str, QKVHook] | None = None):
         self.unet = getattr(unet, "unet", unet)
         self.hooks = hooks
+        self.qkv_hooks = qkv_hooks or {}
         self._saved = None
 
     def __enter__(self):
         self._saved = dict(self.unet.attn_processors)  # set_attn_processor empties what it is given
         processors = dict(self._saved)
-        for name, hook in self.hooks.items():
+        for name in {**self.hooks, **self.qkv_hooks}:
             key = name + ".processor"
             if key not in processors:
                 raise ValueError(f"no attention block {name!r}")
-            processors[key] = ExplicitAttnProcessor(name, hook)
+            processors[key] = ExplicitAttnProcessor(name, self.hooks.get(name), self.qkv_hooks.get(name))
         self.unet.set_attn_processor(processors)
         return self
 

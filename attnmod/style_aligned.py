@@ -1,0 +1,153 @@
+"""StyleAligned (Hertz et al. 2024): a batch that follows one reference image's style via shared attention.
+
+In the chosen self-attention layers every target image also attends to the reference image's keys and
+values, after AdaIN of its queries and keys (optionally values) towards the reference's per-channel
+statistics over tokens. GroupNorm statistics can be shared with the reference too. The reference's
+index in the batch is explicit; with classifier-free guidance each half has its reference. The
+reference itself is never changed: it attends to itself only, so its image is what it would be alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .attention import AttentionCall, explicit_attention
+from .blocks import resolve_blocks
+
+
+@dataclass(frozen=True)
+class StyleAlignedOptions:
+    """The published defaults; ``blocks`` restricts sharing (our block selectors, e.g. ``U*``).
+
+    ``share_layer_norm`` is kept for parity with the reference implementation, which concatenates the
+    reference's tokens before each LayerNorm; LayerNorm normalises every token on its own, so this
+    changes nothing and attnmod does not hook LayerNorms. ``share_group_norm`` computes every
+    GroupNorm's statistics over the image's and the reference's positions together.
+    """
+
+    share_attention: bool = True
+    adain_queries: bool = True
+    adain_keys: bool = True
+    adain_values: bool = False
+    share_group_norm: bool = True
+    share_layer_norm: bool = True
+    full_attention_share: bool = False
+    shared_score_scale: float = 1.0
+    shared_score_shift: float = 0.0
+    only_self_level: float = 0.0
+    blocks: str = "self"
+    reference: int = 0
+
+    def __post_init__(self):
+        if not 0 <= self.only_self_level <= 1:
+            raise ValueError(f"only_self_level is a fraction in [0, 1], got {self.only_self_level}")
+        if self.reference < 0:
+            raise ValueError("the reference index must be >= 0")
+
+
+def calc_mean_std(feat: torch.Tensor, eps: float = 1e-5) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and std over tokens. feat: (B, h, N, d) -> two (B, h, 1, d)."""
+    return feat.mean(dim=-2, keepdim=True), (feat.var(dim=-2, keepdim=True) + eps).sqrt()
+
+
+def adain(feat: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """AdaIN: give ``feat`` the per-channel token statistics of ``ref``. Both (B, h, N, d)."""
+    mean, std = calc_mean_std(feat)
+    ref_mean, ref_std = calc_mean_std(ref)
+    return (feat - mean) / std * ref_std + ref_mean
+
+
+def reference_rows(batch: int, images: int, reference: int) -> torch.Tensor:
+    """For each row of a batch of ``batch`` = images × copies (CFG), the row of its copy's reference."""
+    if reference >= images:
+        raise ValueError(f"reference index {reference} but the batch has {images} images")
+    return torch.tensor([reference + (i // images) * images for i in range(batch)])
+
+
+class SharedAttention:
+    """The q/k/v hook of one shared self-attention layer."""
+
+    def __init__(self, options: StyleAlignedOptions, images: int):
+        self.o = options
+        self.images = images
+
+    def __call__(self, call: AttentionCall, q, k, v):
+        o = self.o
+        batch = q.shape[0]
+        ref = reference_rows(batch, self.images, o.reference).to(q.device)
+        is_ref = torch.zeros(batch, dtype=torch.bool, device=q.device)
+        is_ref[ref] = True
+        if o.adain_queries:
+            q = torch.where(is_ref[:, None, None, None], q, adain(q, q[ref]))
+        if o.adain_keys:
+            k = torch.where(is_ref[:, None, None, None], k, adain(k, k[ref]))
+        if o.adain_values:
+            v = torch.where(is_ref[:, None, None, None], v, adain(v, v[ref]))
+        if not o.share_attention:
+            return q, k, v, None
+        n = k.shape[-2]
+        if o.full_attention_share:  # every image of the same CFG copy: (B, h, images*N, d)
+            extra_k, extra_v = (self._whole_copy(t) for t in (k, v))
+        else:
+            extra_k, extra_v = k[ref] * o.shared_score_scale, v[ref]
+        bias = torch.zeros(batch, 1, 1, n + extra_k.shape[-2], dtype=q.dtype, device=q.device)
+        bias[..., n:] = o.shared_score_shift
+        bias[is_ref, ..., n:] = float("-inf")  # the reference attends to itself only
+        return q, torch.cat([k, extra_k], dim=-2), torch.cat([v, extra_v], dim=-2), bias
+
+
+    def _whole_copy(self, t: torch.Tensor) -> torch.Tensor:
+        """(B, h, N, d) -> (B, h, images*N, d): each row gets the tokens of every image of its copy."""
+        copies, (h, n, d) = t.shape[0] // self.images, t.shape[1:]
+        per_copy = t.view(copies, self.images, h, n, d).permute(0, 2, 1, 3, 4).reshape(copies, h, -1, d)
+        return per_copy.repeat_interleave(self.images, dim=0)
+
+
+def _shared_layers(unet, options: StyleAlignedOptions) -> list[str]:
+    names = [b.name for b in resolve_blocks(unet, options.blocks) if b.kind == "self"]
+    if not names:
+        raise ValueError(f"no self-attention blocks match {options.blocks!r}")
+    skip = round(options.only_self_level * len(names))
+    if skip:  # leave `skip` layers unshared, spread evenly
+        unshared = {names[int(i * len(names) / skip)] for i in range(skip)}
+        names = [n for n in names if n not in unshared]
+    return names
+
+
+class style_aligned:  # noqa: N801 - a context manager used like a function
+    """``with style_aligned(pipe, images=4): pipe(prompts)`` — the batch follows image 0's style."""
+
+    def __init__(self, pipe, images: int, options: StyleAlignedOptions = StyleAlignedOptions()):
+        self.unet = getattr(pipe, "unet", pipe)
+        self.options = options
+        self.images = images
+        reference_rows(images, images, options.reference)  # validates the index
+        self.layers = _shared_layers(self.unet, options)
+        self._attention = None
+        self._norm_handles = []
+
+    def _group_norm_hook(self, module, args, output):
+        x = args[0]  # (B, C, ...)
+        ref = reference_rows(x.shape[0], self.images, self.options.reference).to(x.device)
+        joint = torch.cat([x, x[ref]], dim=-1)  # statistics over own and reference positions
+        return F.group_norm(joint, module.num_groups, module.weight, module.bias, module.eps)[..., : x.shape[-1]]
+
+    def __enter__(self):
+        hook = SharedAttention(self.options, self.images)
+        self._attention = explicit_attention(self.unet, {}, {n: hook for n in self.layers}).__enter__()
+        if self.options.share_group_norm:
+            for module in self.unet.modules():
+                if isinstance(module, torch.nn.GroupNorm):
+                    self._norm_handles.append(module.register_forward_hook(self._group_norm_hook))
+        return self
+
+    def __exit__(self, *exc):
+        for h in self._norm_handles:
+            h.remove()
+        self._norm_handles = []
+        if self._attention is not None:
+            self._attention.__exit__(*exc)
+            self._attention = None
