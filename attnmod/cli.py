@@ -110,7 +110,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="scale a word's cross-attention in the edit (repeatable)")
     p.add_argument("--out", required=True, help="output folder")
 
-    for name in ("generate", "scan", "strategy", "influence", "maps", "edit"):
+    p = sub.add_parser("style", help="StyleAligned: a set of images sharing the first one's (or a real image's) style")
+    _gen_args(p, many_prompts=True)
+    p.add_argument("--style", default="", help="appended to every prompt (e.g. 'outlined style')")
+    p.add_argument("--seed", type=int, default=0, help="image i uses seed + i")
+    p.add_argument("--ref-image", help="a real reference image (DDIM-inverted; must have the model's size)")
+    p.add_argument("--ref-prompt", help="what the reference image shows (needed with --ref-image)")
+    p.add_argument("--blocks", default="self", help="self-attention blocks that share (selector, e.g. U*)")
+    p.add_argument("--out", required=True, help="output folder")
+
+    for name in ("generate", "scan", "strategy", "influence", "maps", "edit", "style"):
         sub.choices[name].add_argument("--quiet", action="store_true", help="no progress bar")
     try:
         from .toy import cli as toy_cli
@@ -351,7 +360,44 @@ def cmd_edit(args) -> int:
     return 0
 
 
-COMMANDS = {"blocks": cmd_blocks, "maps": cmd_maps, "edit": cmd_edit, "generate": cmd_generate, "scan": cmd_scan, "strategy": cmd_strategy,
+def cmd_style(args) -> int:
+    from dataclasses import replace as dc_replace
+
+    from .grid import side_by_side
+    from .recipe import atomic_write, save_png, to_pil
+    from .style_aligned import StyleAlignedOptions, generate_style_set
+
+    prompts = [", ".join(p for p in (prompt, args.style) if p) for prompt in args.prompt]
+    reference = None
+    if args.ref_image:
+        try:
+            with Image.open(args.ref_image) as im:
+                reference = im.convert("RGB")
+        except (OSError, ValueError) as e:
+            raise ValueError(f"cannot read the reference image {args.ref_image}: {e}") from None
+    args.prompt = prompts + ([args.ref_prompt] if args.ref_prompt else [])
+    pipe = _load(args)
+    base = _base_recipe(args, pipe, prompts[0], args.seed)
+    options = StyleAlignedOptions(blocks=args.blocks)
+    images = generate_style_set(pipe, prompts, seed=base.seed, steps=base.steps, guidance=base.guidance,
+                                width=base.width, height=base.height, options=options, reference_image=reference,
+                                reference_prompt=args.ref_prompt)
+    names = (["reference"] if reference is not None else []) + prompts
+    out = Path(args.out)
+    tiles = []
+    for i, (image, prompt) in enumerate(zip(images, names, strict=True)):
+        recipe = dc_replace(base, prompt=args.ref_prompt if reference is not None and i == 0 else prompt,
+                            seed=base.seed + i)
+        set_info = {"style_aligned": options.__dict__, "set": names, "index": i, "ref_image": args.ref_image}
+        save_png(image, out / f"{i:02d}.png", recipe, extra={"attnmod_style": set_info})
+        tiles.append(to_pil(image).resize((max(256, base.width),) * 2, Image.NEAREST))
+    row = side_by_side(tiles, gap=8)
+    atomic_write(out / "grid.png", lambda f: row.save(f, format="PNG"))
+    print(f"wrote {len(images)} images (reference first) and {out}/grid.png")
+    return 0
+
+
+COMMANDS = {"blocks": cmd_blocks, "maps": cmd_maps, "edit": cmd_edit, "style": cmd_style, "generate": cmd_generate, "scan": cmd_scan, "strategy": cmd_strategy,
             "influence": cmd_influence}
 
 

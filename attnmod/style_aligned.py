@@ -151,3 +151,37 @@ class style_aligned:  # noqa: N801 - a context manager used like a function
         if self._attention is not None:
             self._attention.__exit__(*exc)
             self._attention = None
+
+
+def generate_style_set(pipe, prompts: list[str], *, seed: int = 0, steps: int = 20, guidance: float = 7.5,
+                       width: int | None = None, height: int | None = None,
+                       options: StyleAlignedOptions = StyleAlignedOptions(), reference_image=None,
+                       reference_prompt: str | None = None):
+    """Images (N, H, W, 3) for ``prompts`` sharing one style; image ``i`` uses seed ``seed + i``.
+
+    The reference is ``prompts[options.reference]``, or — with ``reference_image`` (a PIL image) and its
+    describing ``reference_prompt`` — that image, DDIM-inverted and replayed in slot 0 (returned first).
+    """
+    import numpy as np
+
+    from .inversion import ddim_invert, replay_reference
+
+    if not prompts:
+        raise ValueError("a style set needs at least one prompt")
+    extra = {}
+    if reference_image is not None:
+        if not reference_prompt:
+            raise ValueError("a reference image needs --ref-prompt describing it (used for its inversion)")
+        trajectory = ddim_invert(pipe, reference_image, reference_prompt, steps=steps)
+        prompts = [reference_prompt, *prompts]
+        options = StyleAlignedOptions(**{**options.__dict__, "reference": 0})
+        noise = [torch.randn(trajectory[-1].shape[1:], generator=torch.Generator().manual_seed(seed + i))
+                 for i in range(1, len(prompts))]
+        extra = {"latents": torch.stack([trajectory[-1][0].cpu(), *noise]).to(pipe.unet.device, pipe.unet.dtype),
+                 "callback_on_step_end": replay_reference(trajectory, 0)}
+    else:
+        extra = {"generator": [torch.Generator().manual_seed(seed + i) for i in range(len(prompts))]}
+    with style_aligned(pipe, images=len(prompts), options=options), torch.inference_mode():
+        out = pipe(prompts, num_inference_steps=steps, guidance_scale=guidance, width=width, height=height,
+                   output_type="np", **extra)
+    return np.asarray(out.images, dtype=np.float32)

@@ -66,3 +66,41 @@ def test_works_together_with_attnmod(sd):
         modded = batch(sd)
     assert np.abs(both[0] - modded[0]).max() < 1e-4  # the reference: its AttnMod schedule, unshared
     assert np.abs(both[1:] - stock[1:]).max() > 1e-3
+
+
+def test_style_cli_generated_and_real_reference(tmp_path, capsys):
+    import json
+
+    from PIL import Image
+
+    from attnmod.cli import main
+
+    out = tmp_path / "set"
+    args = ["style", "--prompt", "a large red circle on the left", "--prompt", "a small blue star on the right",
+            "--style", "on a striped yellow background, outlined style", "--steps", "4", "--out", str(out)]
+    assert main(args) == 0
+    assert (out / "grid.png").exists() and (out / "01.png").exists()
+    info = json.loads(Image.open(out / "01.png").text["attnmod_style"])
+    assert info["index"] == 1 and info["style_aligned"]["adain_queries"] is True
+    ref = out / "00.png"
+    real = tmp_path / "real"
+    assert main(["style", "--prompt", "a small green square at the top", "--ref-image", str(ref), "--ref-prompt",
+                 "a large red circle on the left, on a striped yellow background, outlined style", "--steps", "4",
+                 "--out", str(real)]) == 0
+    assert "wrote 2 images" in capsys.readouterr().out
+    bad = tmp_path / "bad.png"
+    Image.new("RGB", (50, 40)).save(bad)
+    assert main(["style", "--prompt", "a small green square at the top", "--ref-image", str(bad), "--ref-prompt",
+                 "a large red circle on the left", "--out", str(tmp_path / "x")]) == 2
+    assert "resize it first" in capsys.readouterr().err
+    (tmp_path / "broken.png").write_bytes(b"nope")
+    assert main(["style", "--prompt", "a small green square at the top", "--ref-image", str(tmp_path / "broken.png"),
+                 "--ref-prompt", "a large red circle", "--out", str(tmp_path / "y")]) == 2
+    assert "cannot read the reference image" in capsys.readouterr().err
+
+
+def test_empty_prompt_list_is_an_error(sd):
+    from attnmod.style_aligned import generate_style_set
+
+    with pytest.raises(ValueError, match="at least one prompt"):
+        generate_style_set(sd, [])
