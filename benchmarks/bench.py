@@ -12,8 +12,8 @@
    re-installed every step as in the authors' reference code) vs attnmod's batched scan.
 3. greedy strategy: candidates in one batched UNet call per step vs one UNet call per candidate.
 4. memory: peak memory of plain generation vs generation under AttnMod (every block modified) vs
-   attention-map capture on every block, each in a fresh process (CPU: peak resident set size; CUDA:
-   peak allocated). StyleAligned joins this table when it lands.
+   attention-map capture on every block vs StyleAligned sharing, each in a fresh process (CPU: peak
+   resident set size; CUDA: peak allocated).
 """
 
 from __future__ import annotations
@@ -160,6 +160,10 @@ if condition == "maps":
     with trace(pipe, blocks="all") as tc:
         render(pipe, [recipe] * 4)
     tc.result(recipe.prompt)
+elif condition == "style":
+    from attnmod.style_aligned import style_aligned
+    with style_aligned(pipe, images=4):
+        render(pipe, [recipe] * 4)
 else:
     render(pipe, [recipe] * 4)
 if device.startswith("cuda"):
@@ -234,7 +238,7 @@ def main(argv=None) -> int:
     what = "peak allocated" if device.startswith("cuda") else "peak RSS"
     plain = peak_memory(toy, device, "plain")
     for condition, label in (("plain", "plain generation"), ("attnmod", "AttnMod, every block modified"),
-                             ("maps", "attention maps, every block")):
+                             ("maps", "attention maps, every block"), ("style", "StyleAligned sharing")):
         peak = plain if condition == "plain" else peak_memory(toy, device, condition)
         results["memory"][label] = peak
         print(f"  {label:<34} {what} {peak / 2**20:8.1f} MiB   x{peak / plain:.3f}")
