@@ -308,7 +308,7 @@ def cmd_maps(args) -> int:
     from .generate import generate
     from .grid import make_grid
     from .maps import trace
-    from .recipe import atomic_write, save_png, to_pil
+    from .recipe import save_png, to_pil, write_image
     from .segment import self_segmentation
 
     pipe = _load(args)
@@ -325,7 +325,7 @@ def cmd_maps(args) -> int:
                       title=f"cross-attention per word: {recipe.prompt!r}", tile_px=max(128, image.width))
     pca = maps.self_attention_pca().resize((256, 256), Image.NEAREST)
     for name, im in (("words.png", sheet), ("self-attention-pca.png", pca), ("segments.png", segmentation.image())):
-        atomic_write(out / name, lambda f, im=im: im.save(f, format="PNG"))
+        write_image(out / name, im)
     for s, legend in enumerate(segmentation.legend):
         print(f"segment {s}: " + ", ".join(f"{w} {score:.2f}" for w, score in legend[:3]))
     print(f"wrote {out}/image.png, words.png, self-attention-pca.png, segments.png")
@@ -335,7 +335,7 @@ def cmd_maps(args) -> int:
 def cmd_edit(args) -> int:
     from .grid import side_by_side
     from .p2p import EditOptions, edit
-    from .recipe import atomic_write, to_pil
+    from .recipe import to_pil, write_image
 
     reweight = {}
     for item in args.reweight:
@@ -355,7 +355,7 @@ def cmd_edit(args) -> int:
     size = max(256, source.width)
     pair = side_by_side([im.resize((size, size), Image.NEAREST) for im in (source, edited)], gap=8)
     for name, im in (("source.png", source), ("edit.png", edited), ("side-by-side.png", pair)):
-        atomic_write(out / name, lambda f, im=im: im.save(f, format="PNG"))
+        write_image(out / name, im)
     print(f"wrote {out}/source.png, edit.png, side-by-side.png")
     return 0
 
@@ -364,7 +364,7 @@ def cmd_style(args) -> int:
     from dataclasses import replace as dc_replace
 
     from .grid import side_by_side
-    from .recipe import atomic_write, save_png, to_pil
+    from .recipe import save_png, to_pil, write_image
     from .style_aligned import StyleAlignedOptions, generate_style_set
 
     prompts = [", ".join(p for p in (prompt, args.style) if p) for prompt in args.prompt]
@@ -392,7 +392,7 @@ def cmd_style(args) -> int:
         save_png(image, out / f"{i:02d}.png", recipe, extra={"attnmod_style": set_info})
         tiles.append(to_pil(image).resize((max(256, base.width),) * 2, Image.NEAREST))
     row = side_by_side(tiles, gap=8)
-    atomic_write(out / "grid.png", lambda f: row.save(f, format="PNG"))
+    write_image(out / "grid.png", row)
     print(f"wrote {len(images)} images (reference first) and {out}/grid.png")
     return 0
 

@@ -16,7 +16,7 @@ from PIL import Image
 
 from .blocks import resolve_blocks
 from .grid import make_grid
-from .recipe import Recipe, atomic_write, write_json
+from .recipe import Recipe, write_image, write_json
 from .schedule import Schedule
 from .sweep import ScanResult, Sweep, run_scan
 
@@ -81,7 +81,7 @@ def block_influence(pipe, base: Recipe, setting: Schedule = DEFAULT_SETTING, *, 
     if out is not None:
         out = Path(out)
         sheet = result.sheet(tile_px=max(128, base.width))
-        atomic_write(out / "influence.png", lambda f: sheet.save(f, format="PNG"))
+        write_image(out / "influence.png", sheet)
         write_json(out / "influence.json", {"setting": setting.to_dict(), "base": base.to_dict(),
                                             "ranking": [{"block": b, "change": s} for b, s in result.ranking()]})
     return result

@@ -133,5 +133,10 @@ def atomic_write(path: str | Path, write) -> Path:
     return path
 
 
+def write_image(path: str | Path, image: Image.Image) -> Path:
+    """A plain PNG (sheets, grids), written atomically."""
+    return atomic_write(path, lambda f: image.save(f, format="PNG"))
+
+
 def write_json(path: str | Path, data) -> Path:
     return atomic_write(path, lambda f: f.write(json.dumps(data, indent=1).encode()))

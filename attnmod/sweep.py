@@ -23,7 +23,7 @@ from .generate import check_batch, describe, finite, render
 from .grid import make_grid
 from .grid import side_by_side as grid_side_by_side
 from .modify import normalize_mods
-from .recipe import Recipe, atomic_write, save_png, to_pil, write_json
+from .recipe import Recipe, save_png, to_pil, write_image, write_json
 from .schedule import Schedule
 
 AXES = ("start", "mod", "rate", "accel", "encoders", "seed", "prompt", "block")
@@ -293,12 +293,12 @@ def write_sheets(result: ScanResult, out: Path, side_by_side: bool = False) -> l
     files = []
     if side_by_side and len(sheets) > 1:
         row = grid_side_by_side([result.grid(i) for i in range(len(sheets))])
-        files.append(atomic_write(out / "grid-side-by-side.png", lambda f: row.save(f, format="PNG")))
+        files.append(write_image(out / "grid-side-by-side.png", row))
     for i, (fixed, _) in enumerate(sheets):
         suffix = "" if len(sheets) == 1 else f"-{i:02d}-" + "-".join(_slug(_label(a, v)) for a, v in fixed.items())
         path = out / f"grid{suffix}.png"
         grid = result.grid(i)
-        atomic_write(path, lambda f, g=grid: g.save(f, format="PNG"))
+        write_image(path, grid)
         files.append(path)
     return files
 
