@@ -5,8 +5,7 @@
     (``replay_reference``) puts the real image in one slot of a generated batch.
 
 Inversion runs at guidance 1 by default: classifier-free guidance breaks DDIM's local-linearity
-assumption and the round trip drifts (the StyleAligned authors invert at guidance 1 as well). SD1.x only
-for now.
+assumption and the round trip drifts (the StyleAligned authors invert at guidance 1 as well).
 """
 
 from __future__ import annotations
@@ -30,22 +29,38 @@ def encode_image(pipe, image: Image.Image) -> torch.Tensor:
     return pipe.vae.encode(x).latent_dist.mean * pipe.vae.config.scaling_factor
 
 
+def unet_conditioning(pipe, prompt: str, cfg: bool) -> tuple[torch.Tensor, dict]:
+    """Prompt conditioning for direct UNet calls: (context, extra UNet kwargs), [uncond, cond] with CFG.
+
+    SD1.x: the text embedding. SDXL: both encoders' embedding plus the pooled embedding and the size
+    conditioning (original size = target size = the image size, no crop), as the pipeline builds them.
+    """
+    device = pipe.unet.device
+    if getattr(pipe, "text_encoder_2", None) is None:
+        cond, uncond = pipe.encode_prompt(prompt, device, 1, cfg, "")
+        return (torch.cat([uncond, cond]) if cfg else cond), {}
+    cond, uncond, pooled, uncond_pooled = pipe.encode_prompt(prompt, device=device, do_classifier_free_guidance=cfg,
+                                                             negative_prompt="")
+    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    time_ids = torch.tensor([[size, size, 0, 0, size, size]], dtype=cond.dtype, device=device)
+    if cfg:
+        cond, pooled, time_ids = torch.cat([uncond, cond]), torch.cat([uncond_pooled, pooled]), time_ids.repeat(2, 1)
+    return cond, {"added_cond_kwargs": {"text_embeds": pooled, "time_ids": time_ids}}
+
+
 @torch.no_grad()
 def ddim_invert(pipe, image: Image.Image, prompt: str, steps: int = 20, guidance: float = 1.0,
                 callback: Callable[[int, torch.Tensor], None] | None = None) -> list[torch.Tensor]:
-    """Latents [x_0, x_1, ..., x_T] from the image towards noise along the DDIM ODE."""
-    if not hasattr(pipe, "encode_prompt") or getattr(pipe, "text_encoder_2", None) is not None:
-        raise ValueError("DDIM inversion supports SD1.x pipelines for now")
+    """Latents [x_0, x_1, ..., x_T] from the image towards noise along the DDIM ODE (SD1.x and SDXL)."""
     device = pipe.unet.device
     inverse = DDIMInverseScheduler.from_config(pipe.scheduler.config)
     inverse.set_timesteps(steps, device=device)
-    cond, uncond = pipe.encode_prompt(prompt, device, 1, guidance > 1, "")
-    context = torch.cat([uncond, cond]) if guidance > 1 else cond
+    context, extra = unet_conditioning(pipe, prompt, guidance > 1)
     latent = encode_image(pipe, image)
     trajectory = [latent]
     for i, t in enumerate(inverse.timesteps):
         model_in = torch.cat([latent] * 2) if guidance > 1 else latent
-        noise = pipe.unet(model_in, t, encoder_hidden_states=context).sample
+        noise = pipe.unet(model_in, t, encoder_hidden_states=context, **extra).sample
         if guidance > 1:
             u, c = noise.chunk(2)
             noise = u + guidance * (c - u)

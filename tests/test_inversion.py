@@ -59,3 +59,25 @@ def test_replayed_reference_slot_holds_the_real_image_while_targets_follow_it(to
 def test_reference_image_of_the_wrong_size_is_refused_clearly(toy):
     with pytest.raises(ValueError, match="resize it first"):
         encode_image(toy, Image.new("RGB", (50, 40)))
+
+
+@pytest.mark.parametrize("name", ["sd", "sdxl"])
+def test_inversion_uses_the_pipelines_own_conditioning_on_both_topologies(name, request):
+    from attnmod.inversion import unet_conditioning
+
+    pipe = request.getfixturevalue(name)
+    seen = {}
+    h = pipe.unet.register_forward_pre_hook(lambda m, a, k: seen.setdefault("kw", k) and None, with_kwargs=True)
+    try:
+        with torch.inference_mode():
+            pipe("a red cat", negative_prompt="", num_inference_steps=1, guidance_scale=2.0, height=32, width=32,
+                 output_type="latent")
+    finally:
+        h.remove()
+    context, extra = unet_conditioning(pipe, "a red cat", cfg=True)
+    assert torch.equal(context, seen["kw"]["encoder_hidden_states"])
+    for key, value in extra.get("added_cond_kwargs", {}).items():
+        assert torch.equal(value, seen["kw"]["added_cond_kwargs"][key]), key
+    image = Image.fromarray((np.random.default_rng(0).random((32, 32, 3)) * 255).astype(np.uint8))
+    trajectory = ddim_invert(pipe, image, "a red cat", steps=3, guidance=2.0)
+    assert len(trajectory) == 4 and all(torch.isfinite(t).all() for t in trajectory)
