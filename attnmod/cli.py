@@ -108,6 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--self-replace", type=float, default=0.4, help="fraction of steps with the source's self maps")
     p.add_argument("--reweight", action="append", default=[], metavar="WORD=FACTOR",
                    help="scale a word's cross-attention in the edit (repeatable)")
+    p.add_argument("--blend", action="append", default=[], metavar="WORD",
+                   help="local blend: only where these words attend may the image change (repeatable)")
     p.add_argument("--out", required=True, help="output folder")
 
     p = sub.add_parser("style", help="StyleAligned: a set of images sharing the first one's (or a real image's) style")
@@ -343,7 +345,7 @@ def cmd_edit(args) -> int:
         if not sep:
             raise ValueError(f"--reweight expects WORD=FACTOR, got {item!r}")
         reweight[word] = float(factor)
-    options = EditOptions(args.cross_replace, args.self_replace, reweight)
+    options = EditOptions(args.cross_replace, args.self_replace, reweight, local_blend=tuple(args.blend))
     pipe = _load(args)
     _check_prompts(args.model, [args.to])
     recipe = _base_recipe(args, pipe, args.prompt, args.seed)

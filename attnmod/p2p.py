@@ -5,7 +5,8 @@ image's attention, for the first ``cross_replace_steps`` fraction of steps the c
 are the source's (word swap: all tokens; refinement: tokens aligned with the source, added words keep
 their own), and for the first ``self_replace_steps`` fraction the self-attention maps are the source's
 (at up to ``self_max_patches`` patches, as in the reference). Re-weighting scales chosen words'
-cross-attention in the edited image. Per-word overrides of ``cross_replace_steps`` use the field's
+cross-attention in the edited image. A local blend keeps the source's latents outside the region where
+the blend words attend (their normalised maps above ``blend_threshold``), after every step. Per-word overrides of ``cross_replace_steps`` use the field's
 ``{"default_": 0.8, "cat": 0.4}`` form. Only the conditional half of the CFG batch is edited.
 """
 
@@ -28,6 +29,8 @@ class EditOptions:
     self_replace_steps: float = 0.4
     reweight: dict[str, float] = field(default_factory=dict)  # word -> factor for its cross-attention
     self_max_patches: int = 32 * 32
+    local_blend: tuple[str, ...] = ()  # words whose region may change; elsewhere the source is kept
+    blend_threshold: float = 0.3  # of the blend words' normalised attention
 
     def __post_init__(self):
         fractions = self.cross_replace_steps.values() if isinstance(self.cross_replace_steps, dict) else [
@@ -95,6 +98,15 @@ class PromptToPrompt:
                                  f"(its words are: {' '.join(_words(tok, target))})")
             self.weights[hits] = factor
         self.num_steps = 0
+        src_words = ["<start>"] + _words(tok, source)
+        self.blend_tokens = []  # (image 0 = source, image 1 = edit) token indices of the blend words
+        for word in options.local_blend:
+            in_src = [i for i, w in enumerate(src_words) if w == word]
+            in_tgt = [i for i, w in enumerate(words) if w == word]
+            if not in_src and not in_tgt:
+                raise ValueError(f"local blend word {word!r} is in neither prompt")
+            self.blend_tokens.append((in_src, in_tgt))
+        self.blend_map = None  # (2, H, W) this step's attention to the blend words
 
     def cross_limit(self) -> torch.Tensor:
         """Per target token: the fraction of steps during which its map is the source's."""
@@ -107,6 +119,8 @@ class PromptToPrompt:
         return out
 
     def on_unet(self, module, args, kwargs):
+        sample = args[0] if args else kwargs["sample"]
+        self.latent_hw = tuple(sample.shape[-2:])
         if self.clock.tick():
             timesteps = self.pipe.scheduler.timesteps
             self.num_steps = len(timesteps)
@@ -120,6 +134,8 @@ class PromptToPrompt:
             raise ValueError("Prompt-to-Prompt runs source and edit as one batch of two images")
         step = self.clock.step
         src, edit = cond[0], cond[1]
+        if call.is_cross and self.blend_tokens:
+            self._collect_blend(cond)
         if call.is_cross:
             replace = (step < self.cross_steps).to(probs.dtype)  # (T,) 1 where the source map is used
             replace = replace * self.aligned.to(probs.dtype)
@@ -132,6 +148,31 @@ class PromptToPrompt:
         out = probs.clone()
         out[half + 1] = new
         return out
+
+
+    def _collect_blend(self, cond: torch.Tensor) -> None:
+        """Add this layer's attention to the blend words, per image, at the latent resolution."""
+        h, w = self.latent_hw
+        n = cond.shape[2]
+        f = (h * w / n) ** 0.5
+        grid = (round(h / f), round(w / f))
+        maps = []
+        for image in (0, 1):
+            cols = [i for src, tgt in self.blend_tokens for i in (src if image == 0 else tgt)]
+            m = cond[image][..., cols].sum(-1).sum(0).float() if cols else cond.new_zeros(n).float()  # (Nq,)
+            maps.append(m.view(1, 1, *grid))
+        m = torch.nn.functional.interpolate(torch.cat(maps), size=(h, w), mode="bilinear", align_corners=False)
+        self.blend_map = m[:, 0] if self.blend_map is None else self.blend_map + m[:, 0]
+
+    def blend_latents(self, pipe, step, timestep, kwargs):
+        """``callback_on_step_end``: keep the source's latents outside the blend words' region."""
+        latents = kwargs["latents"]
+        if self.blend_map is not None:
+            m = self.blend_map.max(0).values
+            mask = (m / (m.max() + 1e-8) > self.options.blend_threshold).to(latents.dtype)  # (H, W)
+            latents[1] = latents[0] + mask * (latents[1] - latents[0])
+            self.blend_map = None
+        return {"latents": latents}
 
 
 @dataclass
@@ -151,9 +192,10 @@ def edit(pipe, source: str, target: str, *, seed: int = 0, steps: int = 20, guid
     handle = pipe.unet.register_forward_pre_hook(p2p.on_unet, with_kwargs=True)
     try:
         with explicit_attention(pipe.unet, names), torch.inference_mode():
+            blend = {"callback_on_step_end": p2p.blend_latents} if options.local_blend else {}
             out = pipe([source, target], num_inference_steps=steps, guidance_scale=guidance, width=width,
                        height=height, output_type="np",
-                       generator=[torch.Generator().manual_seed(seed) for _ in range(2)])
+                       generator=[torch.Generator().manual_seed(seed) for _ in range(2)], **blend)
     finally:
         handle.remove()
     images = np.asarray(out.images, dtype=np.float32)

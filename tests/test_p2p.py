@@ -72,8 +72,22 @@ def test_edit_cli(sd_folder, tmp_path, capsys):
 
     out = tmp_path / "edit"
     assert main(["edit", "--model", str(sd_folder), "--prompt", "a red cat", "--to", "a red dog", "--steps", "3",
-                 "--size", "32x32", "--reweight", "red=2", "--out", str(out)]) == 0
+                 "--size", "32x32", "--reweight", "red=2", "--blend", "dog", "--out", str(out)]) == 0
     assert all((out / n).exists() for n in ("source.png", "edit.png", "side-by-side.png"))
     assert main(["edit", "--model", str(sd_folder), "--prompt", "a red cat", "--to", "a red cat and a dog",
                  "--steps", "2", "--size", "32x32", "--out", str(tmp_path / "bad")]) == 2
     assert "refinement" in capsys.readouterr().err
+
+
+def test_local_blend_keeps_the_source_outside_the_words_region(sd):
+    nothing = EditOptions(0.0, 0.0, local_blend=("cat", "dog"), blend_threshold=1.01)  # empty region
+    everything = EditOptions(0.0, 0.0, local_blend=("cat", "dog"), blend_threshold=-1.0)  # whole image
+    kept = edit(sd, "a red cat", "a red dog", options=nothing, **KW)
+    assert np.abs(kept.edited - kept.source).max() < 1e-5
+    free = edit(sd, "a red cat", "a red dog", options=everything, **KW)
+    assert np.abs(free.edited - plain(sd, "a red dog")).max() < 1e-5
+    half = edit(sd, "a red cat", "a red dog", options=EditOptions(0.0, 0.0, local_blend=("dog",)), **KW)
+    changed = np.abs(half.edited - half.source).max(-1) > 1e-3
+    assert 0 < changed.mean() < 1  # only part of the image may change
+    with pytest.raises(ValueError, match="in neither prompt"):
+        edit(sd, "a red cat", "a red dog", options=EditOptions(local_blend=("bird",)), **KW)
