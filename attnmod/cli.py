@@ -30,10 +30,11 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scheduler", choices=sorted(SCHEDULERS), help="sampler (default: the model's own)")
 
 
-def _gen_args(p: argparse.ArgumentParser, many_prompts: bool = False) -> None:
+def _gen_args(p: argparse.ArgumentParser, many_prompts: bool = False, required: bool | None = None) -> None:
     _model_args(p)
-    p.add_argument("--prompt", required=many_prompts, action="append" if many_prompts else "store",
-                   help="text prompt" + (" (repeat for a prompt axis)" if many_prompts else ""))
+    p.add_argument("--prompt", required=many_prompts if required is None else required,
+                   action="append" if many_prompts else "store",
+                   help="text prompt" + (" (repeatable)" if many_prompts else ""))
     p.add_argument("--negative-prompt", default="")
     p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's)")
     p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance (default: the model's)")
@@ -113,7 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder")
 
     p = sub.add_parser("style", help="StyleAligned: a set of images sharing the first one's (or a real image's) style")
-    _gen_args(p, many_prompts=True)
+    _gen_args(p, many_prompts=True, required=False)
+    p.add_argument("--recipe", help="remake the whole set of a PNG written by attnmod style")
     p.add_argument("--style", default="", help="appended to every prompt (e.g. 'outlined style')")
     p.add_argument("--seed", type=int, default=0, help="image i uses seed + i")
     p.add_argument("--ref-image", help="a real reference image (DDIM-inverted; must have the model's size)")
@@ -212,6 +214,18 @@ def _use_scheduler_class(pipe, name: str) -> None:
         if not hasattr(diffusers, name):
             raise ValueError(f"the recipe's scheduler {name!r} is not in this diffusers version")
         pipe.scheduler = getattr(diffusers, name).from_config(pipe.scheduler.config)
+
+
+def _read_style_recipe(path: str):
+    import json
+
+    from .recipe import Recipe
+
+    with Image.open(path) as im:
+        text = getattr(im, "text", {}).get("attnmod_style")
+    if text is None:
+        raise ValueError(f"{path} was not written by attnmod style (no attnmod_style text chunk)")
+    return Recipe.from_png(path), json.loads(text)
 
 
 def _read_recipe(path: str):
@@ -369,6 +383,15 @@ def cmd_style(args) -> int:
     from .recipe import save_png, to_pil, write_image
     from .style_aligned import StyleAlignedOptions, generate_style_set
 
+    recipe, info = _read_style_recipe(args.recipe) if args.recipe else (None, {})
+    if recipe is not None:  # remake the set exactly: prompts, seeds, sampling, options from the PNG
+        args.prompt, args.style, args.ref_image, args.ref_prompt = info["prompts"], "", info["ref_image"], info[
+            "ref_prompt"]
+        args.seed, args.steps, args.guidance = recipe.seed - info["index"], recipe.steps, recipe.guidance
+        args.size, args.negative_prompt = (recipe.width, recipe.height), recipe.negative_prompt
+        args.model = args.model or recipe.model
+    if not args.prompt:
+        raise ValueError("give at least one --prompt (or --recipe)")
     prompts = [", ".join(p for p in (prompt, args.style) if p) for prompt in args.prompt]
     reference = None
     if args.ref_image:
@@ -380,7 +403,7 @@ def cmd_style(args) -> int:
     args.prompt = prompts + ([args.ref_prompt] if args.ref_prompt else [])
     pipe = _load(args)
     base = _base_recipe(args, pipe, prompts[0], args.seed)
-    options = StyleAlignedOptions(blocks=args.blocks)
+    options = StyleAlignedOptions(**info["style_aligned"]) if recipe else StyleAlignedOptions(blocks=args.blocks)
     images = generate_style_set(pipe, prompts, seed=base.seed, steps=base.steps, guidance=base.guidance,
                                 width=base.width, height=base.height, options=options, reference_image=reference,
                                 reference_prompt=args.ref_prompt)
@@ -390,7 +413,8 @@ def cmd_style(args) -> int:
     for i, (image, prompt) in enumerate(zip(images, names, strict=True)):
         recipe = dc_replace(base, prompt=args.ref_prompt if reference is not None and i == 0 else prompt,
                             seed=base.seed + i)
-        set_info = {"style_aligned": options.__dict__, "set": names, "index": i, "ref_image": args.ref_image}
+        set_info = {"style_aligned": options.__dict__, "prompts": prompts, "index": i,
+                    "ref_image": args.ref_image, "ref_prompt": args.ref_prompt}
         save_png(image, out / f"{i:02d}.png", recipe, extra={"attnmod_style": set_info})
         tiles.append(to_pil(image).resize((max(256, base.width),) * 2, Image.NEAREST))
     row = side_by_side(tiles, gap=8)

@@ -104,3 +104,17 @@ def test_empty_prompt_list_is_an_error(sd):
 
     with pytest.raises(ValueError, match="at least one prompt"):
         generate_style_set(sd, [])
+
+
+def test_style_set_is_remade_from_any_of_its_pngs(tmp_path):
+    from PIL import Image
+
+    from attnmod.cli import main
+
+    out, again = tmp_path / "set", tmp_path / "again"
+    assert main(["style", "--prompt", "a large red circle on the left", "--prompt", "a small blue star on the right",
+                 "--style", "outlined style", "--seed", "5", "--steps", "4", "--out", str(out)]) == 0
+    assert main(["style", "--recipe", str(out / "01.png"), "--out", str(again)]) == 0
+    for name in ("00.png", "01.png"):
+        assert Image.open(again / name).tobytes() == Image.open(out / name).tobytes()
+    assert main(["style", "--out", str(tmp_path / "none")]) == 2
