@@ -31,3 +31,22 @@ def test_export_writes_a_loadable_pipeline(tmp_path):
     img = pipe("a small red star at the top", num_inference_steps=2, output_type="np",
                generator=torch.Generator().manual_seed(0)).images
     assert img.shape == (1, 64, 64, 3)
+
+
+def test_export_checkpoint_matches_training_export(tmp_path):
+    from safetensors.torch import load_file
+
+    from attnmod.toy.train import export_checkpoint
+
+    cfg = TrainConfig(model=TINY, vae_steps=1, vae_batch=2, cache_size=2, steps=2, batch=2, keep_every=0)
+    train(cfg, tmp_path / "w", export_to=tmp_path / "a", progress=False)
+    assert export_checkpoint(tmp_path / "w", tmp_path / "b") == 2
+    for part in ("unet", "vae", "text_encoder"):
+        fa = next((tmp_path / "a" / part).glob("*.safetensors"))
+        fb = next((tmp_path / "b" / part).glob("*.safetensors"))
+        a, b = load_file(fa), load_file(fb)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    import json
+
+    ca, cb = (json.loads((tmp_path / d / "vae" / "config.json").read_text()) for d in ("a", "b"))
+    assert ca["scaling_factor"] == cb["scaling_factor"] != 0.18215

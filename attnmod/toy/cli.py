@@ -35,6 +35,12 @@ def _train(args: argparse.Namespace) -> int:
             print(json.dumps({**info, "wall_s": round(time.time() - t0, 1)}), flush=True)
 
     export_to = None if args.no_export else args.export
+    if args.export_only:
+        from attnmod.toy.train import export_checkpoint
+
+        step = export_checkpoint(args.workdir, args.export)
+        print(json.dumps({"exported": args.export, "step": step}), flush=True)
+        return 0
     train(cfg, workdir=args.workdir, export_to=export_to, device=args.device, progress=not args.no_progress,
           callback=log)
     print(json.dumps({"done": True, **last, "wall_s": round(time.time() - t0, 1)}), flush=True)
@@ -63,6 +69,8 @@ def register(subparsers) -> None:
     p.add_argument("--workdir", default=".train", help="checkpoints and latent cache (default: .train)")
     p.add_argument("--export", default=str(SHIPPED), help="folder the pipeline is exported to (default: shipped model)")
     p.add_argument("--no-export", action="store_true", help="do not export the pipeline")
+    p.add_argument("--export-only", action="store_true",
+                   help="only export the EMA weights of WORKDIR/ckpt.pt to --export, no training")
     p.add_argument("--seed", type=int)
     p.add_argument("--steps", type=int, help="UNet + text-encoder steps in total (default 20000)")
     p.add_argument("--vae-steps", type=int, help="VAE steps in total (default 2000)")

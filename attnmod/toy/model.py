@@ -128,6 +128,8 @@ def save_pipeline(c: Components, folder: str | Path) -> Path:
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     pipeline(c).save_pretrained(tmp, safe_serialization=True)
+    for path in [tmp, *tmp.rglob("*")]:  # mkdtemp is 0700 and safetensors writes 0600
+        path.chmod(0o755 if path.is_dir() else 0o644)
     old = folder.with_name(f".{folder.name}.old")
     if old.exists():
         shutil.rmtree(old)

@@ -268,6 +268,15 @@ def train(cfg: TrainConfig = TrainConfig(), workdir: str | Path = ".train", expo
     return c
 
 
+def export_checkpoint(workdir: str | Path, folder: str | Path) -> int:
+    """Export the EMA weights of ``workdir/ckpt.pt`` as a diffusers folder; returns its UNet step."""
+    c, state = components_from_checkpoint(Path(workdir) / "ckpt.pt")
+    if state["phase"] != "unet":
+        raise ValueError(f"{workdir}/ckpt.pt is still in the VAE phase; nothing to export yet")
+    save_pipeline(c, folder)
+    return state["step"]
+
+
 def components_from_checkpoint(path: str | Path, use_ema: bool = True) -> tuple[Components, dict]:
     """Rebuild the components stored in a ``ckpt.pt`` (EMA weights by default)."""
     state = torch.load(path, weights_only=False)
