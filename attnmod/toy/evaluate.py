@@ -30,7 +30,7 @@ from attnmod.toy import dataset
 from attnmod.toy.model import SHIPPED
 
 DEFAULT_STEPS = 20
-DEFAULT_GUIDANCE = 2.0
+DEFAULT_GUIDANCE = 3.0
 MIN_AREA = 12
 TARGETS = {"color": 0.90, "background": 0.90, "position": 0.85, "shape": 0.75}
 CHECKS = ("color", "background", "position", "shape", "size")
