@@ -49,3 +49,14 @@ def test_shipped_model_generates_64px(shipped):
     img = shipped("a large red circle in the center", num_inference_steps=2, output_type="np",
                   generator=torch.Generator().manual_seed(0)).images
     assert img.shape == (1, 64, 64, 3)
+
+
+def test_shipped_tokenizer_has_slow_files_that_agree():
+    from transformers import CLIPTokenizer
+
+    folder = SHIPPED / "tokenizer"
+    slow = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=32)
+    fast = CLIPTokenizer.from_pretrained(folder)
+    text = "a large red circle on the left, a small blue star on the right, on a striped yellow background, outlined style"
+    assert slow(text).input_ids == fast(text).input_ids
+    assert all(len(slow.tokenize(w)) == 1 for w in vocabulary())

@@ -12,6 +12,7 @@ same names; a 2-layer CLIP text encoder over a word-level CLIP tokenizer (one to
 
 from __future__ import annotations
 
+import json
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -122,12 +123,22 @@ def pipeline(c: Components) -> StableDiffusionPipeline:
     )
 
 
+def write_slow_tokenizer_files(folder: str | Path) -> None:
+    """Add ``vocab.json`` + ``merges.txt`` next to ``tokenizer.json`` (transformers 4.x's slow CLIPTokenizer needs them)."""
+    folder = Path(folder)
+    model = json.loads((folder / "tokenizer.json").read_text())["model"]
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
+    (folder / "vocab.json").write_text(json.dumps(model["vocab"], indent=0))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "".join(m + "\n" for m in merges))
+
+
 def save_pipeline(c: Components, folder: str | Path) -> Path:
     """Write a complete diffusers SD folder (safetensors), replacing ``folder`` atomically-ish."""
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     pipeline(c).save_pretrained(tmp, safe_serialization=True)
+    write_slow_tokenizer_files(tmp / "tokenizer")
     for path in [tmp, *tmp.rglob("*")]:  # mkdtemp is 0700 and safetensors writes 0600
         path.chmod(0o755 if path.is_dir() else 0o644)
     old = folder.with_name(f".{folder.name}.old")
