@@ -31,6 +31,13 @@ ProbsHook = Callable[[AttentionCall, torch.Tensor], torch.Tensor | None]  # prob
 QKVHook = Callable[[AttentionCall, torch.Tensor, torch.Tensor, torch.Tensor], tuple]
 
 
+def token_grid(latent_hw: tuple[int, int], tokens: int) -> tuple[int, int]:
+    """(h, w) of the patch grid a layer with ``tokens`` query tokens sees, for a latent of ``latent_hw``."""
+    H, W = latent_hw
+    f = (H * W / tokens) ** 0.5  # the layer's downsampling factor
+    return round(H / f), round(W / f)
+
+
 def attention_probs(query: torch.Tensor, key: torch.Tensor, scale: float, mask: torch.Tensor | None = None,
                     upcast: bool = False) -> torch.Tensor:
     """softmax(q kᵀ · scale + mask). query: (B, h, Nq, d); key: (B, h, Nk, d) -> (B, h, Nq, Nk)."""

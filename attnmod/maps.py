@@ -15,7 +15,6 @@ classifier-free guidance only the conditional half is kept.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .attention import AttentionCall, explicit_attention
+from .attention import AttentionCall, explicit_attention, token_grid
 from .blocks import resolve_blocks
 from .steps import LoopClock
 
@@ -105,9 +104,7 @@ class trace:  # noqa: N801 - a context manager used like daam's ``trace``
         return probs
 
     def _grid(self, tokens: int) -> tuple[int, int]:
-        H, W = self._latent_hw
-        f = math.sqrt(H * W / tokens)
-        return round(H / f), round(W / f)
+        return token_grid(self._latent_hw, tokens)
 
     def _on_cross(self, call: AttentionCall, probs: torch.Tensor) -> None:
         if not self._active():

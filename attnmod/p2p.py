@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .attention import AttentionCall, explicit_attention
+from .attention import AttentionCall, explicit_attention, token_grid
 from .blocks import list_blocks
 from .generate import finite
 from .steps import LoopClock
@@ -154,8 +154,7 @@ class PromptToPrompt:
         """Add this layer's attention to the blend words, per image, at the latent resolution."""
         h, w = self.latent_hw
         n = cond.shape[2]
-        f = (h * w / n) ** 0.5
-        grid = (round(h / f), round(w / f))
+        grid = token_grid(self.latent_hw, n)
         maps = []
         for image in (0, 1):
             cols = [i for src, tgt in self.blend_tokens for i in (src if image == 0 else tgt)]
