@@ -27,6 +27,7 @@ class AttentionCall:
 
 
 ProbsHook = Callable[[AttentionCall, torch.Tensor], torch.Tensor | None]  # probs (B, h, Nq, Nk) -> new or None
+WantsProbs = Callable[[AttentionCall], bool]  # False: this call runs the fused kernel, the probs hook is skipped
 # (q, k, v) each (B, h, N, d) -> (q, k, v, logit bias broadcastable to (B, h, Nq, Nk) or None); k, v may grow
 QKVHook = Callable[[AttentionCall, torch.Tensor, torch.Tensor, torch.Tensor], tuple]
 
@@ -53,12 +54,16 @@ def attention_probs(query: torch.Tensor, key: torch.Tensor, scale: float, mask: 
 class ExplicitAttnProcessor:
     """Attention with its parts exposed: ``qkv_hook`` may change q/k/v (and add a logit bias),
     ``probs_hook`` may observe or replace the probabilities. Without a probs hook the fused SDPA kernel
-    computes the attention, so methods that only touch q/k/v (StyleAligned) stay fast."""
+    computes the attention, so methods that only touch q/k/v (StyleAligned) stay fast; ``wants`` decides per
+    call whether the probabilities are needed at all (e.g. maps only at some steps or resolutions), so the
+    (B, h, Nq, Nk) tensor is only ever built where it is used."""
 
-    def __init__(self, name: str, probs_hook: ProbsHook | None = None, qkv_hook: QKVHook | None = None):
+    def __init__(self, name: str, probs_hook: ProbsHook | None = None, qkv_hook: QKVHook | None = None,
+                 wants: WantsProbs | None = None):
         self.name = name
         self.probs_hook = probs_hook
         self.qkv_hook = qkv_hook
+        self.wants = wants
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
                  *args, **kwargs):
@@ -92,7 +97,7 @@ class ExplicitAttnProcessor:
             query, key, value, bias = self.qkv_hook(call, query, key, value)
             if bias is not None:
                 attention_mask = bias if attention_mask is None else attention_mask + bias
-        if self.probs_hook is None:
+        if self.probs_hook is None or (self.wants is not None and not self.wants(call)):
             out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, scale=attn.scale)
         else:
             probs = attention_probs(query, key, attn.scale, attention_mask, attn.upcast_attention)  # (B, h, Nq, Nk)
@@ -111,13 +116,15 @@ class explicit_attention:  # noqa: N801 - used like a function: ``with explicit_
     """Install ``ExplicitAttnProcessor`` on some blocks; restore exactly the processors found on exit.
 
     ``hooks`` maps full block names to a probs hook (None: probabilities are not needed), ``qkv_hooks``
-    full block names to a q/k/v hook.
+    full block names to a q/k/v hook; ``wants`` (optional) says per call whether the probs hook is needed.
     """
 
-    def __init__(self, unet, hooks: dict[str, ProbsHook | None], qkv_hooks: dict[str, QKVHook] | None = None):
+    def __init__(self, unet, hooks: dict[str, ProbsHook | None], qkv_hooks: dict[str, QKVHook] | None = None,
+                 wants: WantsProbs | None = None):
         self.unet = getattr(unet, "unet", unet)
         self.hooks = hooks
         self.qkv_hooks = qkv_hooks or {}
+        self.wants = wants
         self._saved = None
 
     def __enter__(self):
@@ -127,7 +134,8 @@ class explicit_attention:  # noqa: N801 - used like a function: ``with explicit_
             key = name + ".processor"
             if key not in processors:
                 raise ValueError(f"no attention block {name!r}")
-            processors[key] = ExplicitAttnProcessor(name, self.hooks.get(name), self.qkv_hooks.get(name))
+            processors[key] = ExplicitAttnProcessor(name, self.hooks.get(name), self.qkv_hooks.get(name),
+                                                    self.wants)
         self.unet.set_attn_processor(processors)
         return self
 

@@ -106,9 +106,17 @@ class trace:  # noqa: N801 - a context manager used like daam's ``trace``
     def _grid(self, tokens: int) -> tuple[int, int]:
         return token_grid(self._latent_hw, tokens)
 
-    def _on_cross(self, call: AttentionCall, probs: torch.Tensor) -> None:
+    def _wants(self, call: AttentionCall) -> bool:
+        """Probabilities are built only for calls that are kept: active steps, and self-attention only
+        at the chosen resolution (other layers run the fused kernel)."""
         if not self._active():
-            return None
+            return False
+        if call.is_cross:
+            return True
+        side = self._self_res_side or self._default_self_side()
+        return self._grid(call.query_shape[1]) == self._grid_for_side(side)
+
+    def _on_cross(self, call: AttentionCall, probs: torch.Tensor) -> None:
         p = self._conditional(probs).sum(1).float()  # (b, Nq, Nk): summed over heads
         h, w = self._grid(p.shape[1])
         p = p.transpose(1, 2).reshape(p.shape[0], -1, h, w)  # (b, Nk, h, w)
@@ -117,12 +125,7 @@ class trace:  # noqa: N801 - a context manager used like daam's ``trace``
         return None
 
     def _on_self(self, call: AttentionCall, probs: torch.Tensor) -> None:
-        if not self._active():
-            return None
         n = probs.shape[-1]
-        side = self._self_res_side or self._default_self_side()
-        if self._grid(n) != self._grid_for_side(side):
-            return None
         p = self._conditional(probs).sum(1).float().cpu()  # (b, N, N)
         self.self_maps = p if self.self_maps is None else self.self_maps + p
         self.self_resolution = self._grid(n)
@@ -143,7 +146,7 @@ class trace:  # noqa: N801 - a context manager used like daam's ``trace``
     def __enter__(self) -> trace:
         hooks = {n: self._on_cross for n in self._cross_names} | {n: self._on_self for n in self._self_names}
         self._handle = self.unet.register_forward_pre_hook(self._on_unet, with_kwargs=True)
-        self._explicit = explicit_attention(self.unet, hooks).__enter__()
+        self._explicit = explicit_attention(self.unet, hooks, wants=self._wants).__enter__()
         return self
 
     def __exit__(self, *exc) -> None:

@@ -126,6 +126,11 @@ class PromptToPrompt:
             self.num_steps = len(timesteps)
             self.cross_steps = (self.cross_limit() * self.num_steps).long()  # (T,)
 
+    def wants(self, call: AttentionCall) -> bool:
+        """Cross-attention always; self-attention only while it is replaced (else the fused kernel runs)."""
+        return call.is_cross or (self.clock.step < self.options.self_replace_steps * self.num_steps
+                                 and call.query_shape[1] <= self.options.self_max_patches)
+
     def __call__(self, call: AttentionCall, probs: torch.Tensor) -> torch.Tensor | None:
         cfg = getattr(self.pipe, "do_classifier_free_guidance", False)
         half = probs.shape[0] // 2 if cfg else 0
@@ -190,7 +195,7 @@ def edit(pipe, source: str, target: str, *, seed: int = 0, steps: int = 20, guid
     names = {b.name: p2p for b in list_blocks(pipe.unet)}
     handle = pipe.unet.register_forward_pre_hook(p2p.on_unet, with_kwargs=True)
     try:
-        with explicit_attention(pipe.unet, names), torch.inference_mode():
+        with explicit_attention(pipe.unet, names, wants=p2p.wants), torch.inference_mode():
             blend = {"callback_on_step_end": p2p.blend_latents} if options.local_blend else {}
             out = pipe([source, target], num_inference_steps=steps, guidance_scale=guidance, width=width,
                        height=height, output_type="np",

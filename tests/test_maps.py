@@ -55,6 +55,26 @@ def test_trace_aggregates_maps_and_restores(sd):
         maps.word_map("dog")
 
 
+def test_trace_builds_probabilities_only_where_they_are_kept(sd, monkeypatch):
+    import attnmod.attention as attention
+
+    built = []  # (is_cross, query tokens) of every call that materialised the probabilities
+    original = attention.attention_probs
+
+    def spy(query, key, *args, **kwargs):
+        built.append((key.shape[2] != query.shape[2] or key.shape[2] == 16, query.shape[2]))
+        return original(query, key, *args, **kwargs)
+
+    monkeypatch.setattr(attention, "attention_probs", spy)
+    with trace(sd, steps=(1, 3)) as tc:
+        run(sd, prompt="a red cat", steps=4)
+    assert tc.self_resolution == (16, 16)
+    self_tokens = {n for cross, n in built if not cross}
+    assert self_tokens == {256}  # self-attention at 8x8 (64 tokens) and outside steps 1-2 ran the fused kernel
+    cross_blocks = sum(b.kind == "cross" for b in list_blocks(sd.unet))
+    assert len(built) == 2 * (cross_blocks + 5)  # 2 active steps x (every cross block + 5 self blocks at 16x16)
+
+
 def test_trace_without_a_run_is_a_clear_error(sd):
     with trace(sd, blocks="cross") as tc:
         pass
