@@ -11,9 +11,10 @@
 2. scan throughput: an attention scan done the naive way (one pipeline call per tile, processors
    re-installed every step as in the authors' reference code) vs attnmod's batched scan.
 3. greedy strategy: candidates in one batched UNet call per step vs one UNet call per candidate.
-4. memory: peak memory of plain generation vs generation under AttnMod (every block modified) vs
-   attention-map capture on every block vs StyleAligned sharing, each in a fresh process (CPU: peak
-   resident set size; CUDA: peak allocated).
+4. memory: peak working memory (above the loaded model) of plain generation vs generation under
+   AttnMod (every block modified) vs attention-map capture on every block vs StyleAligned sharing, each
+   in a fresh process at a resolution where activations matter (CPU: resident set size with the peak
+   counter reset after loading; CUDA: peak allocated).
 """
 
 from __future__ import annotations
@@ -141,20 +142,31 @@ def strategy_cost(pipe, base: Recipe, blocks: str, device):
 
 
 MEMORY_CHILD = """
-import os, resource, sys, warnings, torch
+import gc, os, sys, warnings, torch
 warnings.filterwarnings("ignore")
 from attnmod import Recipe, Schedule, load_pipeline
 from attnmod.generate import render
-model, device, condition = sys.argv[1:4]
+model, device, condition, side = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 dtype = torch.float16 if device.startswith("cuda") else torch.float32
 pipe = load_pipeline(model, device=device, dtype=dtype)
-side = pipe.unet.config.sample_size * pipe.vae_scale_factor
-recipe = Recipe("a large red circle in the center, on a plain white background, flat style", steps=10,
+recipe = Recipe("a large red circle in the center, on a plain white background, flat style", steps=4,
                 width=side, height=side, guidance=3.0)
 if condition == "attnmod":
     recipe = recipe.with_mods({k.removesuffix(".processor"): Schedule(-5, 0.2) for k in pipe.unet.attn_processors})
+
+def status(field):  # kB -> bytes, from /proc/self/status
+    for line in open("/proc/self/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+
+gc.collect()
 if device.startswith("cuda"):
-    torch.cuda.reset_peak_memory_stats()
+    torch.cuda.synchronize(); torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+else:
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets the peak resident set size (VmHWM) to the current one
+    base = status("VmRSS")
 if condition == "maps":
     from attnmod.maps import trace
     with trace(pipe, blocks="all") as tc:
@@ -167,18 +179,28 @@ elif condition == "style":
 else:
     render(pipe, [recipe] * 4)
 if device.startswith("cuda"):
-    print(torch.cuda.max_memory_allocated())
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated()
 else:
-    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    peak = status("VmHWM")
+print(base, peak)
 """
 
 
-def peak_memory(model: str, device: str, condition: str) -> int:
+def peak_memory(model: str, device: str, condition: str, side: int) -> tuple[int, int]:
+    """(memory before generating, peak while generating 4 images) in a fresh process, in bytes.
+
+    CPU: resident set size, with the peak counter reset after loading (``/proc/self/clear_refs``) and
+    glibc told to return large blocks to the system at once (``MALLOC_MMAP_THRESHOLD_``), so the peak
+    is the generation's own working memory. CUDA: ``torch.cuda`` allocated bytes.
+    """
     import subprocess
 
-    out = subprocess.run([sys.executable, "-c", MEMORY_CHILD, model, device, condition], check=True,
-                         capture_output=True, text=True)
-    return int(out.stdout.strip().splitlines()[-1])
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")
+    out = subprocess.run([sys.executable, "-c", MEMORY_CHILD, model, device, condition, str(side)], check=True,
+                         capture_output=True, text=True, env=env)
+    base, peak = out.stdout.strip().splitlines()[-1].split()
+    return int(base), int(peak)
 
 
 def main(argv=None) -> int:
@@ -233,15 +255,19 @@ def main(argv=None) -> int:
     results["strategy"] = {"blocks": blocks, "batched_s": batched_s, "per_candidate_s": slow_s}
     print(f"  '{toy}', blocks {blocks}, {strat_recipe.steps} steps: batched {batched_s:.2f} s, "
           f"per-candidate {slow_s:.2f} s   x{slow_s / batched_s:.2f} faster")
-    print("\n## 4. peak memory, 4 images per batch, each condition in a fresh process")
-    results["memory"] = {}
+    mem_side = 128 if quick else 256
+    print(f"\n## 4. memory while generating 4 images at {mem_side}x{mem_side} on '{toy}', fresh process each")
     what = "peak allocated" if device.startswith("cuda") else "peak RSS"
-    plain = peak_memory(toy, device, "plain")
+    print(f"  {'condition':<34} {what + ' above loaded model':>28}   ratio   {what} in all")
+    results["memory"] = {"side": mem_side}
+    plain = None
     for condition, label in (("plain", "plain generation"), ("attnmod", "AttnMod, every block modified"),
                              ("maps", "attention maps, every block"), ("style", "StyleAligned sharing")):
-        peak = plain if condition == "plain" else peak_memory(toy, device, condition)
-        results["memory"][label] = peak
-        print(f"  {label:<34} {what} {peak / 2**20:8.1f} MiB   x{peak / plain:.3f}")
+        base, peak = peak_memory(toy, device, condition, mem_side)
+        work = peak - base
+        plain = work if plain is None else plain
+        results["memory"][label] = {"before": base, "peak": peak}
+        print(f"  {label:<34} {work / 2**20:22.1f} MiB   x{work / plain:5.2f}   {peak / 2**20:8.1f} MiB")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
     return 0
