@@ -50,3 +50,23 @@ def test_export_checkpoint_matches_training_export(tmp_path):
 
     ca, cb = (json.loads((tmp_path / d / "vae" / "config.json").read_text()) for d in ("a", "b"))
     assert ca["scaling_factor"] == cb["scaling_factor"] != 0.18215
+
+
+def test_noise_schedule_switches_to_zero_terminal_snr(tmp_path):
+    import json
+
+    from attnmod.toy.train import export_checkpoint, scheduler_at
+
+    cfg = TrainConfig(model=TINY, vae_steps=1, vae_batch=2, cache_size=2, steps=2, batch=2, keep_every=0,
+                      zero_snr_from=1)
+    assert scheduler_at(cfg, 0).alphas_cumprod[-1] > 1e-3  # SD's schedule leaks signal at t=999
+    assert scheduler_at(cfg, 1).alphas_cumprod[-1] < 1e-6  # pure noise at t=999
+    train(cfg, tmp_path / "w", export_to=tmp_path / "a", progress=False)
+    export_checkpoint(tmp_path / "w", tmp_path / "b")
+    for folder in ("a", "b"):
+        config = json.loads((tmp_path / folder / "scheduler" / "scheduler_config.json").read_text())
+        assert config["rescale_betas_zero_snr"] is True
+    late = replace(cfg, zero_snr_from=100)
+    train(late, tmp_path / "w2", export_to=tmp_path / "c", progress=False)
+    config = json.loads((tmp_path / "c" / "scheduler" / "scheduler_config.json").read_text())
+    assert config["rescale_betas_zero_snr"] is False

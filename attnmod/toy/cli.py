@@ -24,7 +24,7 @@ def _train(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     cfg = TrainConfig()
     overrides = {k: getattr(args, k) for k in ("seed", "steps", "vae_steps", "batch", "lr", "cache_size",
-                                               "export_every", "ckpt_every") if getattr(args, k) is not None}
+                                               "export_every", "ckpt_every", "zero_snr_from") if getattr(args, k) is not None}
     cfg = replace(cfg, **overrides)
     t0 = time.time()
     last = {}
@@ -79,6 +79,8 @@ def register(subparsers) -> None:
     p.add_argument("--cache-size", type=int)
     p.add_argument("--export-every", type=int)
     p.add_argument("--ckpt-every", type=int)
+    p.add_argument("--zero-snr-from", type=int, help="UNet step from which the noise schedule has zero terminal "
+                   "SNR (default 4600, as the shipped run; 0: from the start)")
     p.add_argument("--device", help="cuda / cpu (default: cuda when available)")
     p.add_argument("--threads", type=int, help="CPU threads for torch (1 is best on a shared 2-core machine)")
     p.add_argument("--log-every", type=int, default=100, help="print a JSON line every N steps (0: never)")

@@ -93,12 +93,19 @@ def build_text_encoder(cfg: ModelConfig, vocab_size: int) -> CLIPTextModel:
     ))
 
 
-def build_scheduler() -> DDIMScheduler:
-    """SD's scaled-linear betas, v-prediction, trailing timesteps (the last step starts at t=999)."""
+def build_scheduler(zero_terminal_snr: bool = True) -> DDIMScheduler:
+    """SD's scaled-linear betas, v-prediction, trailing timesteps (the last step starts at t=999).
+
+    ``zero_terminal_snr`` rescales the betas so that t=999 is pure noise (Lin et al. 2024, "Common
+    diffusion noise schedules and sample steps are flawed"). Without it a 16×16 latent keeps 6.8 % of
+    its signal at t=999, the model learns to read the layout from that leak, and at sampling time —
+    starting from pure noise — it places objects where the noise happens to suggest, ignoring the
+    prompt's position words (measured on the 4,000-step export: identical layouts for "on the left",
+    "on the right", "at the top" and "at the bottom" from one seed)."""
     return DDIMScheduler(
         num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
         prediction_type="v_prediction", clip_sample=False, set_alpha_to_one=False, steps_offset=1,
-        timestep_spacing="trailing",
+        timestep_spacing="trailing", rescale_betas_zero_snr=zero_terminal_snr,
     )
 
 

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from attnmod.toy import dataset
-from attnmod.toy.model import SHIPPED, Components, ModelConfig, build, save_pipeline
+from attnmod.toy.model import SHIPPED, Components, ModelConfig, build, build_scheduler, save_pipeline
 
 EVAL_SEED0 = 10_000_000
 
@@ -49,6 +49,10 @@ class TrainConfig:
     ckpt_every: int = 200
     export_every: int = 1000
     keep_every: int = 5000  # also keep ckpt-<step>.pt every this many steps (0: never)
+    # UNet step from which the noise schedule is rescaled to zero terminal SNR (model.build_scheduler).
+    # The shipped run trained its first 4,600 steps on SD's plain schedule and switched there after
+    # measuring that positions followed the noise; 0 trains with zero terminal SNR throughout.
+    zero_snr_from: int = 4600
 
     def __post_init__(self):
         if not 0 <= self.caption_dropout < 1 or not 0 <= self.clause_dropout < 1:
@@ -121,6 +125,11 @@ def build_cache(c: Components, cfg: TrainConfig, device, progress: bool = True) 
         ids.append(tokenize(c.tokenizer, caps).view(len(samples), len(variants), -1).to(torch.int32))
     lat = torch.cat(latents)
     return {"latents": lat, "ids": torch.cat(ids), "scale": float(1 / lat.std())}
+
+
+def scheduler_at(cfg: TrainConfig, step: int):
+    """The noise schedule UNet step ``step`` trains with (and an export after it ships)."""
+    return build_scheduler(zero_terminal_snr=step >= cfg.zero_snr_from)
 
 
 def _unet_step(c: Components, opt, cache: dict, empty_ids: torch.Tensor, cfg: TrainConfig,
@@ -243,6 +252,7 @@ def train(cfg: TrainConfig = TrainConfig(), workdir: str | Path = ".train", expo
     c.text_encoder.train()
     bar = tqdm(total=cfg.steps, initial=step, desc="unet", disable=not progress)
     while step < cfg.steps:
+        c.scheduler = scheduler_at(cfg, step)
         loss = _unet_step(c, opt, cache, empty_ids, cfg, g, device)
         sched.step()
         step += 1
@@ -262,6 +272,7 @@ def train(cfg: TrainConfig = TrainConfig(), workdir: str | Path = ".train", expo
                 _save(ckpt, workdir / f"ckpt-{step}.pt")
             info["checkpoint"] = str(ckpt_path)
         if export_to is not None and (step % cfg.export_every == 0 or step == cfg.steps):
+            c.scheduler = scheduler_at(cfg, step)
             info["exported"] = str(export(c, ema, Path(export_to)))
         cb(info)
     bar.close()
@@ -285,6 +296,8 @@ def components_from_checkpoint(path: str | Path, use_ema: bool = True) -> tuple[
     c = build(cfg)
     c.vae.load_state_dict(state["vae"])
     if state["phase"] == "unet":
+        tc = state["train_config"]
+        c.scheduler = build_scheduler(zero_terminal_snr=state["step"] >= tc.get("zero_snr_from", 1 << 30))
         c.vae.register_to_config(scaling_factor=state["scale"])
         src = state["ema"] if use_ema else state
         c.unet.load_state_dict(src["unet"])
