@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from attnmod.toy import dataset
+from attnmod.toy.probe import CaptionProbe, labels_for_seeds, mask_dropped
 from attnmod.toy.model import SHIPPED, Components, ModelConfig, build, build_scheduler, save_pipeline
 
 EVAL_SEED0 = 10_000_000
@@ -53,10 +54,17 @@ class TrainConfig:
     # The shipped run trained its first 4,600 steps on SD's plain schedule and switched there after
     # measuring that positions followed the noise; 0 trains with zero terminal SNR throughout.
     zero_snr_from: int = 4600
+    # UNet step from which the caption probe (toy.probe) adds ``aux_weight`` × its loss, so the text
+    # encoder keeps every attribute readable. The shipped run added it at step 11,600 after measuring
+    # that "left" and "right" had collapsed in the encoder's output; 0 uses it throughout.
+    aux_from: int = 11_600
+    aux_weight: float = 0.05
 
     def __post_init__(self):
         if not 0 <= self.caption_dropout < 1 or not 0 <= self.clause_dropout < 1:
             raise ValueError("dropout probabilities must be in [0, 1)")
+        if self.aux_weight < 0:
+            raise ValueError("aux_weight must be >= 0")
         if min(self.vae_steps, self.steps) < 0 or min(self.batch, self.vae_batch, self.cache_size) < 1:
             raise ValueError("steps must be >= 0; batch sizes and cache_size >= 1")
 
@@ -133,7 +141,8 @@ def scheduler_at(cfg: TrainConfig, step: int):
 
 
 def _unet_step(c: Components, opt, cache: dict, empty_ids: torch.Tensor, cfg: TrainConfig,
-               g: torch.Generator, device) -> float:
+               g: torch.Generator, device, probe: CaptionProbe | None = None) -> tuple[float, float | None]:
+    """One optimizer step; returns the diffusion loss and the caption probe's loss (None if unused)."""
     sched = c.scheduler
     idx = torch.randint(0, len(cache["latents"]), (cfg.batch,), generator=g)
     keep_bg = torch.rand(cfg.batch, generator=g) >= cfg.clause_dropout
@@ -151,12 +160,16 @@ def _unet_step(c: Components, opt, cache: dict, empty_ids: torch.Tensor, cfg: Tr
     emb = c.text_encoder(ids)[0]  # (B, L, D)
     pred = c.unet(xt, t, emb).sample
     loss = F.mse_loss(pred, target)
+    aux = None
+    if probe is not None:
+        labels = mask_dropped(cache["labels"][idx], keep_bg, keep_style, ~drop).to(device)
+        aux = probe.loss(emb, labels)
     opt.zero_grad(set_to_none=True)
-    loss.backward()
-    params = [p for group in opt.param_groups for p in group["params"]]
+    (loss if aux is None else loss + cfg.aux_weight * aux).backward()
+    params = [p for p in opt.param_groups[0]["params"]]  # the models; the probe is not clipped
     torch.nn.utils.clip_grad_norm_(params, 1.0)
     opt.step()
-    return loss.item()
+    return loss.item(), None if aux is None else aux.item()
 
 
 def export(c: Components, ema: dict, folder: Path) -> Path:
@@ -170,6 +183,17 @@ def export(c: Components, ema: dict, folder: Path) -> Path:
     finally:
         c.unet.load_state_dict(live["unet"])
         c.text_encoder.load_state_dict(live["text_encoder"])
+
+
+def _add_probe_group(state: dict, lr: float) -> None:
+    """Give a checkpoint written before the caption probe existed the probe's optimizer group."""
+    groups = state["opt"]["param_groups"]
+    if len(groups) == 2:
+        return
+    first_free = max(i for g in groups for i in g["params"]) + 1
+    groups.append({**groups[0], "params": [first_free], "weight_decay": 0.0, "lr": lr, "initial_lr": lr})
+    state["sched"]["base_lrs"] = [*state["sched"]["base_lrs"], lr]
+    state["sched"]["_last_lr"] = [*state["sched"]["_last_lr"], lr]
 
 
 def train(cfg: TrainConfig = TrainConfig(), workdir: str | Path = ".train", export_to: str | Path | None = SHIPPED,
@@ -233,13 +257,21 @@ def train(cfg: TrainConfig = TrainConfig(), workdir: str | Path = ".train", expo
     empty_ids = tokenize(c.tokenizer, [""])[0].to(torch.long)
 
     # --- phase 2: UNet + text encoder -------------------------------------------------------------
+    if "labels" not in cache:
+        cache["labels"] = labels_for_seeds(len(cache["latents"]))
+    probe = CaptionProbe(cfg.model.max_length, cfg.model.text_dim,
+                         generator=torch.Generator().manual_seed(cfg.seed + 1)).to(device)
     params = list(c.unet.parameters()) + list(c.text_encoder.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=1e-2)
+    opt.add_param_group({"params": list(probe.parameters()), "weight_decay": 0.0})
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(cfg.warmup, 1)))
     step = 0
     if state is not None and state["phase"] == "unet":
+        _add_probe_group(state, cfg.lr)
         c.unet.load_state_dict(state["unet"])
         c.text_encoder.load_state_dict(state["text_encoder"])
+        if "probe" in state:
+            probe.load_state_dict(state["probe"])
         opt.load_state_dict(state["opt"])
         sched.load_state_dict(state["sched"])
         ema = state["ema"]
@@ -253,7 +285,8 @@ def train(cfg: TrainConfig = TrainConfig(), workdir: str | Path = ".train", expo
     bar = tqdm(total=cfg.steps, initial=step, desc="unet", disable=not progress)
     while step < cfg.steps:
         c.scheduler = scheduler_at(cfg, step)
-        loss = _unet_step(c, opt, cache, empty_ids, cfg, g, device)
+        use_probe = cfg.aux_weight > 0 and step >= cfg.aux_from
+        loss, aux = _unet_step(c, opt, cache, empty_ids, cfg, g, device, probe if use_probe else None)
         sched.step()
         step += 1
         decay = min(cfg.ema_decay, (1 + step) / (10 + step))
@@ -262,9 +295,12 @@ def train(cfg: TrainConfig = TrainConfig(), workdir: str | Path = ".train", expo
         bar.update()
         bar.set_postfix(loss=f"{loss:.4f}")
         info = {"phase": "unet", "step": step, "loss": loss, "lr": sched.get_last_lr()[0]}
+        if aux is not None:
+            info["probe_loss"] = aux
         if step % cfg.ckpt_every == 0 or step == cfg.steps:
             ckpt = {"phase": "unet", "vae_step": vae_step, "step": step, "vae": c.vae.state_dict(),
                     "unet": c.unet.state_dict(), "text_encoder": c.text_encoder.state_dict(), "ema": ema,
+                    "probe": probe.state_dict(),
                     "opt": opt.state_dict(), "sched": sched.state_dict(), "rng": g.get_state(),
                     "scale": cache["scale"], "model_config": asdict(cfg.model), "train_config": asdict(cfg)}
             _save(ckpt, ckpt_path)
