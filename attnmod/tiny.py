@@ -26,7 +26,8 @@ WORDS = ["a", "an", "the", "of", "on", "in", "with", "and", "cat", "dog", "red",
 
 
 def _tokenizer():
-    return build_clip_tokenizer(Path(tempfile.mkdtemp(prefix="attnmod-tok-")), WORDS, max_length=16)
+    with tempfile.TemporaryDirectory(prefix="attnmod-tok-") as tmp:  # loaded into memory; nothing left behind
+        return build_clip_tokenizer(Path(tmp), WORDS, max_length=16)
 
 
 def _text_encoder(tokenizer, hidden: int, projection: bool = False):

@@ -11,7 +11,7 @@ from attnmod.toy.train import TrainConfig, train
 
 def test_scene_labels_name_the_scene_attributes():
     scene = dataset.Scene((dataset.Obj("star", "blue", "small", "left"),), "red", "dotted", "shaded")
-    labels = dict(zip(HEADS, scene_labels(scene)))
+    labels = dict(zip(HEADS, scene_labels(scene), strict=True))
     assert HEADS["shape0"][labels["shape0"]] == "star"
     assert HEADS["color0"][labels["color0"]] == "blue"
     assert HEADS["position0"][labels["position0"]] == "left"

@@ -25,8 +25,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from attnmod.toy import dataset
-from attnmod.toy.probe import CaptionProbe, labels_for_seeds, mask_dropped
 from attnmod.toy.model import SHIPPED, Components, ModelConfig, build, build_scheduler, save_pipeline
+from attnmod.toy.probe import CaptionProbe, labels_for_seeds, mask_dropped
 
 EVAL_SEED0 = 10_000_000
 
