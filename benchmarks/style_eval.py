@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import random
 import sys
@@ -83,6 +84,14 @@ def measure(pipe, sets, steps, guidance, options: StyleAlignedOptions | None):
             "targets": len(agree)}
 
 
+VARIANTS = {
+    "without sharing": None,
+    "StyleAligned (defaults)": StyleAlignedOptions(),
+    "+ adain_values": StyleAlignedOptions(adain_values=True),
+    "+ shared_score_shift=log 2": StyleAlignedOptions(shared_score_shift=math.log(2)),
+}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sets", type=int, default=12)
@@ -95,12 +104,11 @@ def main(argv=None) -> int:
     d = model_defaults(pipe)
     steps, guidance = args.steps or d["steps"], args.guidance or d["guidance"]
     sets = make_sets(args.sets)
-    rows = {"without sharing": measure(pipe, sets, steps, guidance, None),
-            "StyleAligned (defaults)": measure(pipe, sets, steps, guidance, StyleAlignedOptions())}
+    rows = {name: measure(pipe, sets, steps, guidance, options) for name, options in VARIANTS.items()}
     print(f"{args.sets} sets x 3 targets, {steps} steps, guidance {guidance:g}")
-    print(f"{'':26}{'bg agreement':>14}{'bg overlap':>12}{'colour ok':>11}{'shape ok':>10}")
+    print(f"{'':30}{'bg agreement':>14}{'bg overlap':>12}{'colour ok':>11}{'shape ok':>10}")
     for name, r in rows.items():
-        print(f"{name:26}{r['background_agreement']:>14.0%}{r['background_overlap']:>12.2f}"
+        print(f"{name:30}{r['background_agreement']:>14.0%}{r['background_overlap']:>12.2f}"
               f"{r['colour_fidelity']:>11.0%}{r['shape_fidelity']:>10.0%}")
     if args.json:
         with open(args.json, "w") as fh:
