@@ -4,8 +4,8 @@
 
 Ground truth comes from the generated images themselves: the object is the set of pixels whose
 nearest palette colour is the prompted object colour (the toy model's palette is the dataset's).
-1. localisation: prompts put a shape left/right/top/bottom; is the shape word's cross-attention
-   centroid on that side?
+1. localisation: prompts put a shape left/right/top/bottom; is the shape (and colour) word's
+   cross-attention centroid on that side? Over every block and over the 16x16-latent blocks only.
 2. self-segmentation (k=3): IoU of the best-matching segment with the object mask; is the shape
    word's highest-scoring segment that segment?
 3. word swap circle -> square: mean pixel change outside the object (source vs edit, and source vs a
@@ -51,6 +51,18 @@ def object_mask(image: np.ndarray, color: str) -> np.ndarray:
     return parts[0] if parts else mask
 
 
+# every block (DAAM's aggregate) and the 16x16-latent blocks only (Prompt-to-Prompt's res-16 aggregate)
+SELECTORS = ("all", "D0*+U3*")
+
+
+def on_side(m: torch.Tensor, position: str) -> int:
+    """1 if the (H, W) map's centroid lies on the prompted side of the image centre."""
+    ys, xs = torch.meshgrid(torch.arange(m.shape[0]), torch.arange(m.shape[1]), indexing="ij")
+    centroid = ((m * xs).sum() / m.sum(), (m * ys).sum() / m.sum())
+    axis, sign = SIDES[position]
+    return int(sign * (float(centroid[axis]) - (m.shape[1 - axis] - 1) / 2) > 0)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", type=int, default=2)
@@ -65,37 +77,37 @@ def main(argv=None) -> int:
     colors = [c for c in dataset.COLORS if c != "white"]
     results = {"steps": steps, "guidance": guidance}
 
-    hits, ious, labelled, n = 0, [], 0, 0
-    for seed in range(args.seeds):
-        for i, shape in enumerate(dataset.SHAPES):
-            for j, position in enumerate(SIDES):
-                color = colors[(i * 4 + j + seed) % len(colors)]
-                text = prompt(shape, color, position)
-                recipe = Recipe(text, seed=seed, steps=steps, guidance=guidance, width=64, height=64, model="toy")
-                with trace(pipe) as tc:
-                    image = generate(pipe, recipe)
-                maps = tc.result(text)
-                m = maps.word_map(shape)  # (H, W)
-                ys, xs = torch.meshgrid(torch.arange(m.shape[0]), torch.arange(m.shape[1]), indexing="ij")
-                centroid = ((m * xs).sum() / m.sum(), (m * ys).sum() / m.sum())
-                axis, sign = SIDES[position]
-                hits += int(sign * (float(centroid[axis]) - (m.shape[1 - axis] - 1) / 2) > 0)
-                mask = object_mask(image, color)
-                seg = self_segmentation(maps, k=3)
-                up = F.interpolate(seg.labels[None, None].float(), size=mask.shape, mode="nearest")[0, 0].long().numpy()
-                seg_iou = [((up == s) & mask).sum() / max(((up == s) | mask).sum(), 1) for s in range(3)]
-                best = int(np.argmax(seg_iou))
-                ious.append(float(seg_iou[best]))
-                shape_scores = [dict(seg.legend[s]).get(shape, 0.0) for s in range(3)]
-                labelled += int(int(np.argmax(shape_scores)) == best)
-                n += 1
-    results["localisation"] = hits / n
-    results["segmentation_iou"] = float(np.mean(ious))
-    results["object_segment_labelled_with_shape"] = labelled / n
-    results["images"] = n
-    print(f"1. shape-word centroid on the prompted side: {hits}/{n} = {hits / n:.0%}")
-    print(f"2. self-segmentation: mean IoU {np.mean(ious):.2f}; object segment labelled with the shape word "
-          f"{labelled}/{n}")
+    for selector in SELECTORS:
+        hits, color_hits, ious, labelled, n = 0, 0, [], 0, 0
+        for seed in range(args.seeds):
+            for i, shape in enumerate(dataset.SHAPES):
+                for j, position in enumerate(SIDES):
+                    color = colors[(i * 4 + j + seed) % len(colors)]
+                    text = prompt(shape, color, position)
+                    recipe = Recipe(text, seed=seed, steps=steps, guidance=guidance, width=64, height=64, model="toy")
+                    with trace(pipe, blocks=selector) as tc:
+                        image = generate(pipe, recipe)
+                    maps = tc.result(text)
+                    hits += on_side(maps.word_map(shape), position)
+                    color_hits += on_side(maps.word_map(color), position)
+                    mask = object_mask(image, color)
+                    seg = self_segmentation(maps, k=3)
+                    up = F.interpolate(seg.labels[None, None].float(), size=mask.shape, mode="nearest")[0, 0]
+                    up = up.long().numpy()
+                    seg_iou = [((up == s) & mask).sum() / max(((up == s) | mask).sum(), 1) for s in range(3)]
+                    best = int(np.argmax(seg_iou))
+                    ious.append(float(seg_iou[best]))
+                    shape_scores = [dict(seg.legend[s]).get(shape, 0.0) for s in range(3)]
+                    labelled += int(int(np.argmax(shape_scores)) == best)
+                    n += 1
+        results[selector] = {"localisation": hits / n, "colour_localisation": color_hits / n,
+                             "segmentation_iou": float(np.mean(ious)),
+                             "object_segment_labelled_with_shape": labelled / n, "images": n}
+        print(f"blocks {selector!r}:")
+        print(f"1. word-map centroid on the prompted side: shape word {hits}/{n} = {hits / n:.0%}, "
+              f"colour word {color_hits}/{n} = {color_hits / n:.0%}")
+        print(f"2. self-segmentation: mean IoU {np.mean(ious):.2f}; object segment labelled with the shape word "
+              f"{labelled}/{n}")
 
     outside, plain_outside, swapped = [], [], 0
     for seed in range(args.seeds):
