@@ -166,7 +166,7 @@ def _unet_step(c: Components, opt, cache: dict, empty_ids: torch.Tensor, cfg: Tr
         aux = probe.loss(emb, labels)
     opt.zero_grad(set_to_none=True)
     (loss if aux is None else loss + cfg.aux_weight * aux).backward()
-    params = [p for p in opt.param_groups[0]["params"]]  # the models; the probe is not clipped
+    params = opt.param_groups[0]["params"]  # the models; the probe is not clipped
     torch.nn.utils.clip_grad_norm_(params, 1.0)
     opt.step()
     return loss.item(), None if aux is None else aux.item()
