@@ -8,14 +8,17 @@
 Cross-attention maps say how much each prompt token passes to each latent patch; they are summed over
 heads, steps and blocks after resizing to the latent resolution, keeping one (images, H, W, tokens)
 tensor. Self-attention maps (patch -> patch) are summed at one resolution (``self_resolution``
-patches per side, default the largest at most 32). Only the blocks captured pay for explicit
+patches per side, default the largest at most 32). ``keep=True`` also keeps every step's and every
+block's cross-attention map, for ``AttentionMaps.select``. Only the blocks captured pay for explicit
 probabilities (``attention.ExplicitAttnProcessor``); the others keep the fused kernel. With
 classifier-free guidance only the conditional half is kept.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import fnmatch
+from collections.abc import Iterable
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -33,6 +36,24 @@ class AttentionMaps:
     self_maps: torch.Tensor | None  # (images, r*r, r*r), summed
     self_resolution: tuple[int, int] | None
     tokens: list[list[str]]  # per image, the tokenizer's pieces (position 0 = start token)
+    kept: dict[tuple[int, str], torch.Tensor] | None = None  # (step, short block name) -> (images, H, W, tokens)
+
+    def select(self, steps: Iterable[int] | None = None, blocks: str | Iterable[str] | None = None) -> AttentionMaps:
+        """These maps with ``cross`` re-summed over the kept ``steps`` and ``blocks`` only (short names or
+        globs, e.g. ``"U3*"``; ``None``: all kept). Needs ``trace(..., keep=True)``."""
+        if not self.kept:
+            raise ValueError("per-step/per-block maps were not kept: trace(..., keep=True)")
+        patterns = [blocks] if isinstance(blocks, str) else None if blocks is None else list(blocks)
+        step_set = None if steps is None else set(steps)
+        chosen = [m for (step, block), m in self.kept.items()
+                  if (step_set is None or step in step_set)
+                  and (patterns is None or any(fnmatch.fnmatchcase(block, p.upper()) for p in patterns))]
+        if not chosen:
+            kept_steps = sorted({s for s, _ in self.kept})
+            kept_blocks = sorted({b for _, b in self.kept})
+            raise ValueError(f"no kept map matches steps={steps!r} blocks={blocks!r}; kept steps "
+                             f"{kept_steps[0]}..{kept_steps[-1]}, blocks {', '.join(kept_blocks)}")
+        return replace(self, cross=torch.stack(chosen).sum(0))
 
     def token_index(self, word: str, image: int = 0) -> list[int]:
         pieces = [t.removesuffix("</w>") for t in self.tokens[image]]
@@ -73,7 +94,7 @@ class trace:  # noqa: N801 - a context manager used like daam's ``trace``
     """Capture attention maps of the next pipeline call(s) on ``blocks`` over steps ``[start, stop)``."""
 
     def __init__(self, pipe, blocks: str = "all", steps: tuple[int, int] | None = None,
-                 self_attention: bool = True, self_resolution: int | None = None):
+                 self_attention: bool = True, self_resolution: int | None = None, keep: bool = False):
         self.pipe = pipe
         self.unet = pipe.unet
         self.steps = steps
@@ -85,6 +106,8 @@ class trace:  # noqa: N801 - a context manager used like daam's ``trace``
         self.self_resolution = None
         self._self_res_side = self_resolution
         self._cross_names = [b.name for b in chosen if b.kind == "cross"]
+        self._short = {b.name: b.short for b in chosen}
+        self.kept: dict[tuple[int, str], torch.Tensor] | None = {} if keep else None
         self._self_names = [b.name for b in chosen if b.kind == "self"] if self_attention else []
         self._explicit = None
         self._handle = None
@@ -121,7 +144,11 @@ class trace:  # noqa: N801 - a context manager used like daam's ``trace``
         h, w = self._grid(p.shape[1])
         p = p.transpose(1, 2).reshape(p.shape[0], -1, h, w)  # (b, Nk, h, w)
         p = F.interpolate(p, size=self._latent_hw, mode="bilinear", align_corners=False).permute(0, 2, 3, 1)
-        self.cross = p.cpu() if self.cross is None else self.cross + p.cpu()
+        p = p.cpu()  # (b, H, W, Nk)
+        self.cross = p if self.cross is None else self.cross + p
+        if self.kept is not None:
+            key = (self._clock.step, self._short[call.name])
+            self.kept[key] = p if key not in self.kept else self.kept[key] + p  # a second pipeline call adds up
         return None
 
     def _on_self(self, call: AttentionCall, probs: torch.Tensor) -> None:
@@ -165,4 +192,4 @@ class trace:  # noqa: N801 - a context manager used like daam's ``trace``
         tok = self.pipe.tokenizer
         tokens = [tok.convert_ids_to_tokens(tok(p, padding="max_length", truncation=True,
                                                 max_length=tok.model_max_length).input_ids) for p in prompts]
-        return AttentionMaps(self.cross, self.self_maps, self.self_resolution, tokens)
+        return AttentionMaps(self.cross, self.self_maps, self.self_resolution, tokens, self.kept)

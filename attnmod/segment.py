@@ -1,8 +1,11 @@
 """Self-attention segmentation with segment labels (attention course slides, "self-segmentation").
 
 Patches that attend alike belong together: k-means over the rows of the aggregated self-attention map
-gives segments; each segment is then labelled with the prompt tokens whose cross-attention mass falls
-most inside it, with that fraction as the score (e.g. "1-cat 0.65, 4-sunglasses 0.19").
+gives segments; each segment is then labelled with the prompt words whose cross-attention is strongest
+inside it (e.g. "1-cat 0.65, 4-sunglasses 0.19"). The score is the mean of the word's map over the
+segment after scaling the map to [0, 1] (min to max), so a segment's size does not decide its label:
+a large background segment holds most of every diffuse map's *mass*, but the object's segment holds
+the object word's *peak*. A flat map (no location) scores 0 everywhere.
 """
 
 from __future__ import annotations
@@ -40,10 +43,22 @@ def kmeans(points: torch.Tensor, k: int, iters: int = 50, seed: int = 0) -> torc
     return torch.cdist(points, centers).argmin(1)
 
 
+def segment_scores(cross: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
+    """Mean min-max-normalised cross-attention of each word in each segment.
+
+    cross: (T, N) per-word maps over N patches; labels: (N,) segment per patch -> (k, T) in [0, 1].
+    """
+    lo, hi = cross.min(1, keepdim=True).values, cross.max(1, keepdim=True).values  # (T, 1)
+    span = hi - lo
+    norm = torch.where(span > 1e-6 * hi.abs().clamp_min(1e-12), (cross - lo) / span.clamp_min(1e-12), 0.0)
+    member = F.one_hot(labels, k).float()  # (N, k)
+    return (member.T @ norm.T) / member.sum(0)[:, None].clamp_min(1)  # (k, T)
+
+
 @dataclass
 class Segmentation:
     labels: torch.Tensor  # (h, w) segment index per patch
-    legend: list[list[tuple[str, float]]]  # per segment: (word, fraction of its cross-attention inside), best first
+    legend: list[list[tuple[str, float]]]  # per segment: (word, segment_scores score), best first
 
     def label(self, segment: int) -> str:
         words = self.legend[segment]
@@ -79,9 +94,7 @@ def self_segmentation(maps: AttentionMaps, k: int = 4, image: int = 0, seed: int
     cross = F.interpolate(cross, size=(h, w), mode="bilinear", align_corners=False)[0].flatten(1)  # (T, h*w)
     words = [(i, t.removesuffix("</w>")) for i, t in enumerate(maps.tokens[image])
              if not t.startswith("<|") and t.removesuffix("</w>").isalpha()]
-    legend = []
-    for s in range(k):
-        inside = labels == s
-        scores = [(word, float(cross[i, inside].sum() / (cross[i].sum() + 1e-8))) for i, word in words]
-        legend.append(sorted(scores, key=lambda ws: -ws[1]))
+    scores = segment_scores(cross[[i for i, _ in words]], labels, k) if words else torch.zeros(k, 0)  # (k, W)
+    legend = [sorted(((word, float(scores[seg, j])) for j, (_, word) in enumerate(words)), key=lambda ws: -ws[1])
+              for seg in range(k)]
     return Segmentation(labels.view(h, w), legend)

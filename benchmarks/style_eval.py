@@ -89,6 +89,10 @@ VARIANTS = {
     "StyleAligned (defaults)": StyleAlignedOptions(),
     "+ adain_values": StyleAlignedOptions(adain_values=True),
     "+ shared_score_shift=log 2": StyleAlignedOptions(shared_score_shift=math.log(2)),
+    "+ share_group_norm=False": StyleAlignedOptions(share_group_norm=False),
+    "+ only_self_level=0.5": StyleAlignedOptions(only_self_level=0.5),
+    "+ blocks='U*' (up blocks)": StyleAlignedOptions(blocks="U*"),
+    "+ adain_values, blocks='U*'": StyleAlignedOptions(adain_values=True, blocks="U*"),
 }
 
 

@@ -55,6 +55,27 @@ def test_trace_aggregates_maps_and_restores(sd):
         maps.word_map("dog")
 
 
+def test_kept_maps_select_steps_and_blocks(sd):
+    with trace(sd, blocks="cross", steps=(1, 4)) as tc:
+        run(sd, prompt="a red cat", steps=4)
+    with trace(sd, blocks="cross", steps=(1, 4), keep=True) as kept:
+        run(sd, prompt="a red cat", steps=4)
+    maps = kept.result("a red cat")
+    assert torch.equal(maps.cross, tc.result().cross)  # keeping changes nothing in the aggregate
+    assert {s for s, _ in maps.kept} == {1, 2, 3}
+    assert {b for _, b in maps.kept} == {b.short for b in list_blocks(sd.unet) if b.kind == "cross"}
+    assert torch.allclose(maps.select().cross, maps.cross, atol=1e-5)
+    parts = maps.select(steps=[1]).cross + maps.select(steps=[2, 3]).cross
+    assert torch.allclose(parts, maps.cross, atol=1e-5)
+    up = maps.select(blocks="U*")
+    assert torch.allclose(up.cross + maps.select(blocks=["D*", "M*"]).cross, maps.cross, atol=1e-5)
+    assert up.word_map("cat").shape == (16, 16) and not torch.equal(up.cross, maps.cross)
+    with pytest.raises(ValueError, match="kept steps 1..3"):
+        maps.select(steps=[0])
+    with pytest.raises(ValueError, match="keep=True"):
+        tc.result().select(blocks="U*")
+
+
 def test_trace_builds_probabilities_only_where_they_are_kept(sd, monkeypatch):
     import attnmod.attention as attention
 
@@ -96,6 +117,20 @@ def synthetic_maps():
     return AttentionMaps(cross, self_maps, (4, 4), tokens)
 
 
+def test_segment_scores_do_not_favour_large_segments():
+    from attnmod.segment import segment_scores
+
+    labels = torch.tensor([0] * 12 + [1] * 4)  # a large background segment and a small object segment
+    cross = torch.full((2, 16), 0.1)
+    cross[0, 12:] = 0.3  # the object word: diffuse, but peaking on the object (most mass still in segment 0)
+    assert cross[0, :12].sum() > cross[0, 12:].sum()
+    scores = segment_scores(cross, labels, 2)  # (k, T)
+    assert scores.shape == (2, 2)
+    assert scores[1, 0] == pytest.approx(1.0) and scores[0, 0] == pytest.approx(0.0)
+    assert scores[:, 1].eq(0).all()  # flat map
+    assert segment_scores(cross, labels, 3)[2].eq(0).all()  # an empty segment scores 0
+
+
 def test_self_segmentation_separates_and_labels_segments():
     from attnmod.segment import self_segmentation
 
@@ -105,7 +140,8 @@ def test_self_segmentation_separates_and_labels_segments():
     assert (seg.labels[:, :2] == left).all() and (seg.labels[:, 2:] == right).all()
     assert seg.label(left) == "cat" and seg.legend[left][0][1] == pytest.approx(1.0)
     assert seg.label(right) == "dog"
-    assert dict(seg.legend[left])["and"] == pytest.approx(0.5)
+    assert dict(seg.legend[left])["and"] == 0.0  # a flat map says nothing about where
+    assert dict(seg.legend[left])["dog"] == 0.0 and dict(seg.legend[right])["dog"] == pytest.approx(1.0)
     assert seg.image().width > 256
     with pytest.raises(ValueError, match="k=17 segments but the map has 16 patches"):
         self_segmentation(synthetic_maps(), k=17)

@@ -1,5 +1,8 @@
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
+import torch
 
 from attnmod.toy import dataset, evaluate
 
@@ -34,3 +37,26 @@ def test_flat_image_has_no_objects():
     scene = dataset.Scene((dataset.Obj("circle", "red", "large", "center"),), "blue", "plain", "flat")
     r = evaluate.analyze(img, scene)
     assert r["background"] == [True] and r["color"] == [False] and r["shape"] == [False]
+
+
+class _StubVAE:
+    """encode → decode as identity (or a flat grey image), to test the round-trip scoring itself."""
+
+    dtype = torch.float32
+
+    def __init__(self, flat: bool = False):
+        self.flat = flat
+
+    def encode(self, x):
+        return SimpleNamespace(latent_dist=SimpleNamespace(mean=x))
+
+    def decode(self, z):
+        return SimpleNamespace(sample=torch.zeros_like(z) if self.flat else z)
+
+
+def test_reconstruction_score_reads_the_round_trip():
+    scenes = evaluate.eval_scenes(10, 1)
+    pipe = SimpleNamespace(device=torch.device("cpu"), vae=_StubVAE())
+    assert min(evaluate.score_reconstruction(pipe, scenes, batch=4).values()) >= 0.9
+    pipe.vae = _StubVAE(flat=True)
+    assert evaluate.score_reconstruction(pipe, scenes)["shape"] == 0.0

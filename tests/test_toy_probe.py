@@ -49,7 +49,7 @@ def test_probe_loss_falls_when_features_separate_the_classes():
 
 def test_training_with_the_probe_resumes_bit_exactly(tmp_path):
     cfg = TrainConfig(model=TINY, vae_steps=1, vae_batch=2, cache_size=4, steps=3, batch=2, ckpt_every=1,
-                      export_every=100, keep_every=0, aux_from=1)
+                      export_every=100, keep_every=0, aux_from=1, decoder_steps=0)
     logs = []
     train(cfg, tmp_path / "a", export_to=None, progress=False, callback=logs.append)
     unet = [i for i in logs if i["phase"] == "unet"]
@@ -65,7 +65,7 @@ def test_training_with_the_probe_resumes_bit_exactly(tmp_path):
 
 def test_resumes_a_checkpoint_saved_before_the_probe_existed(tmp_path):
     cfg = TrainConfig(model=TINY, vae_steps=1, vae_batch=2, cache_size=4, steps=1, batch=2, keep_every=0,
-                      export_every=100, aux_from=1)
+                      export_every=100, aux_from=1, decoder_steps=0)
     train(cfg, tmp_path / "w", export_to=None, progress=False)
     path = tmp_path / "w" / "ckpt.pt"
     old = torch.load(path, weights_only=False)

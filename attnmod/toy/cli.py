@@ -24,7 +24,8 @@ def _train(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     cfg = TrainConfig()
     overrides = {k: getattr(args, k) for k in ("seed", "steps", "vae_steps", "batch", "lr", "cache_size",
-                                               "export_every", "ckpt_every", "zero_snr_from") if getattr(args, k) is not None}
+                                               "export_every", "ckpt_every", "zero_snr_from",
+                                               "decoder_steps") if getattr(args, k) is not None}
     cfg = replace(cfg, **overrides)
     t0 = time.time()
     last = {}
@@ -74,6 +75,7 @@ def register(subparsers) -> None:
     p.add_argument("--seed", type=int)
     p.add_argument("--steps", type=int, help="UNet + text-encoder steps in total (default 20000)")
     p.add_argument("--vae-steps", type=int, help="VAE steps in total (default 2000)")
+    p.add_argument("--decoder-steps", type=int, help="decoder fine-tune steps after the UNet phase (default 3000)")
     p.add_argument("--batch", type=int)
     p.add_argument("--lr", type=float)
     p.add_argument("--cache-size", type=int)

@@ -12,7 +12,8 @@ caption; ``analyze`` then reads each image without any model:
   anchors to its centroid; shape = best IoU against the generator's own shape templates, both
   cropped to their bounding box and resized to 32×32; size = the nearer of the two template areas.
 
-``evaluate`` returns an ``EvalResult``; ``guidance_sweep`` reports the guidance scales that still
+``evaluate`` returns an ``EvalResult`` (also the checks on VAE round trips of the true images, the
+ceiling the decoder sets); the sweep reports the guidance scales that still
 meet the targets (colour, background ≥ 90 %, position ≥ 85 %, shape ≥ 75 % on 1-object prompts).
 """
 
@@ -67,6 +68,8 @@ class EvalResult:
     two_objects: dict[str, float]
     sweep: dict[float, dict[str, float]] = field(default_factory=dict)  # guidance → 1-object accuracies
     faithful_guidance: tuple[float, ...] = ()  # sweep scales that meet TARGETS
+    # the same checks on VAE round trips of the 1-object scenes' true images: what the decoder allows
+    reconstruction: dict[str, float] = field(default_factory=dict)
 
     def meets_targets(self) -> bool:
         return all(self.one_object[k] >= v for k, v in TARGETS.items())
@@ -205,6 +208,20 @@ def score(pipe, scenes: list[dataset.Scene], steps: int, guidance: float, seed: 
     return accuracy([analyze(im, s) for im, s in zip(images, scenes, strict=True)])
 
 
+@torch.no_grad()
+def score_reconstruction(pipe, scenes: list[dataset.Scene], batch: int = 25) -> dict[str, float]:
+    """The checks on encode → decode round trips of the scenes' rendered images (latent means)."""
+    results = []
+    for start in range(0, len(scenes), batch):
+        chunk = scenes[start: start + batch]
+        x = torch.from_numpy(np.stack([dataset.render(s)[0] for s in chunk]))  # (b, 64, 64, 3) uint8
+        x = x.permute(0, 3, 1, 2).float().to(pipe.device, pipe.vae.dtype) / 127.5 - 1
+        rec = pipe.vae.decode(pipe.vae.encode(x).latent_dist.mean).sample
+        rec = ((rec.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+        results += [analyze(im, s) for im, s in zip(rec, chunk, strict=True)]
+    return accuracy(results)
+
+
 def faithful(acc: dict[str, float]) -> bool:
     return all(acc[k] >= v for k, v in TARGETS.items())
 
@@ -221,8 +238,9 @@ def evaluate(model: str | Path = SHIPPED, cfg: EvalConfig = EvalConfig(), progre
         scenes = eval_scenes(cfg.sweep_prompts, 1, cfg.seed)
         sweep[g] = one if (g == guidance and cfg.sweep_prompts == cfg.n_prompts) else score(
             pipe, scenes, cfg.steps, g, cfg.seed, cfg.batch, progress)
+    rec = score_reconstruction(pipe, eval_scenes(cfg.n_prompts, 1, cfg.seed), cfg.batch)
     return EvalResult(str(model), cfg.steps, guidance, cfg.n_prompts, one, two, sweep,
-                      tuple(g for g, a in sweep.items() if faithful(a)))
+                      tuple(g for g, a in sweep.items() if faithful(a)), rec)
 
 
 if __name__ == "__main__":
