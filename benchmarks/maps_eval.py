@@ -7,8 +7,9 @@ nearest palette colour is the prompted object colour (the toy model's palette is
 1. localisation: prompts put a shape left/right/top/bottom; is the shape (and colour) word's
    cross-attention centroid on that side? Over every block and over the 16x16-latent blocks only.
 2. self-segmentation (k=3): IoU of the best-matching segment with the object mask; is that
-   segment labelled with the shape word (its top word)? with an object word (shape or colour)? is
-   it the shape word's highest-scoring segment?
+   segment labelled with the shape word (its top word)? with an object word (shape or colour)? with
+   a word only the object's phrase has ("a large red star on the left": large, red, star, the, left)?
+   is it the shape word's highest-scoring segment?
 3. word swap circle -> square: mean pixel change outside the object (source vs edit, and source vs a
    plain generation of the edited prompt), and the shape of the edited object.
 4. re-weighting the colour word (x0.5, 1, 2, 4): share of pixels in the object colour.
@@ -79,7 +80,7 @@ def main(argv=None) -> int:
     results = {"steps": steps, "guidance": guidance}
 
     for selector in SELECTORS:
-        hits, color_hits, ious, labelled, object_word, shape_best, n = 0, 0, [], 0, 0, 0, 0
+        hits, color_hits, ious, labelled, object_word, own_phrase, shape_best, n = 0, 0, [], 0, 0, 0, 0, 0
         for seed in range(args.seeds):
             for i, shape in enumerate(dataset.SHAPES):
                 for j, position in enumerate(SIDES):
@@ -102,17 +103,21 @@ def main(argv=None) -> int:
                     shape_best += int(int(np.argmax(shape_scores)) == best)
                     labelled += int(seg.label(best) == shape)
                     object_word += int(seg.label(best) in (shape, color))
+                    head, tail = text.split(",", 1)
+                    own_phrase += int(seg.label(best) in set(head.split()) - set(tail.split()))
                     n += 1
         results[selector] = {"localisation": hits / n, "colour_localisation": color_hits / n,
                              "segmentation_iou": float(np.mean(ious)),
                              "object_segment_labelled_with_shape": labelled / n,
                              "object_segment_labelled_with_an_object_word": object_word / n,
+                             "object_segment_labelled_from_its_phrase": own_phrase / n,
                              "shape_word_scores_highest_on_object_segment": shape_best / n, "images": n}
         print(f"blocks {selector!r}:")
         print(f"1. word-map centroid on the prompted side: shape word {hits}/{n} = {hits / n:.0%}, "
               f"colour word {color_hits}/{n} = {color_hits / n:.0%}")
         print(f"2. self-segmentation: mean IoU {np.mean(ious):.2f}; object segment labelled with the shape word "
-              f"{labelled}/{n}, with the shape or colour word {object_word}/{n}; the shape word scores highest "
+              f"{labelled}/{n}, with the shape or colour word {object_word}/{n}, with a word of the object's phrase "
+              f"{own_phrase}/{n}; the shape word scores highest "
               f"on the object segment {shape_best}/{n}")
 
     outside, plain_outside, swapped = [], [], 0
