@@ -121,6 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ref-image", help="a real reference image (DDIM-inverted; must have the model's size)")
     p.add_argument("--ref-prompt", help="what the reference image shows (needed with --ref-image)")
     p.add_argument("--blocks", default="self", help="self-attention blocks that share (selector, e.g. U*)")
+    p.add_argument("--option", action="append", default=[], metavar="NAME=VALUE",
+                   help="any StyleAlignedOptions field, e.g. adain_values=true (repeatable; default: published)")
     p.add_argument("--out", required=True, help="output folder")
 
     for name in ("generate", "scan", "strategy", "influence", "maps", "edit", "style"):
@@ -403,7 +405,8 @@ def cmd_style(args) -> int:
     args.prompt = prompts + ([args.ref_prompt] if args.ref_prompt else [])
     pipe = _load(args)
     base = _base_recipe(args, pipe, prompts[0], args.seed)
-    options = StyleAlignedOptions(**info["style_aligned"]) if recipe else StyleAlignedOptions(blocks=args.blocks)
+    options = (StyleAlignedOptions(**info["style_aligned"]) if recipe
+               else StyleAlignedOptions(blocks=args.blocks).with_settings(args.option))
     images = generate_style_set(pipe, prompts, seed=base.seed, steps=base.steps, guidance=base.guidance,
                                 width=base.width, height=base.height, options=options, reference_image=reference,
                                 reference_prompt=args.ref_prompt)

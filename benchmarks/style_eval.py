@@ -1,6 +1,6 @@
 """StyleAligned measured on the embedded toy model: style consistency vs prompt fidelity.
 
-    python benchmarks/style_eval.py [--sets 12] [--json FILE]
+    python benchmarks/style_eval.py [--sets 12] [--set-seed 0] [--variants NAME ...] [--json FILE]
 
 Each set: a reference prompt with a background and draw style ("..., on a striped yellow background,
 outlined style") and three target prompts naming only their object ("a small blue star on the left").
@@ -102,13 +102,16 @@ def main(argv=None) -> int:
     ap.add_argument("--model", default="toy")
     ap.add_argument("--steps", type=int)
     ap.add_argument("--guidance", type=float)
+    ap.add_argument("--set-seed", type=int, default=0, help="draws other sets (a held-out check)")
+    ap.add_argument("--variants", nargs="*", help="only these rows (prefixes of their names)")
     ap.add_argument("--json")
     args = ap.parse_args(argv)
+    variants = {k: v for k, v in VARIANTS.items() if not args.variants or any(k.startswith(p) for p in args.variants)}
     pipe = load_pipeline(args.model, device="cpu")
     d = model_defaults(pipe)
     steps, guidance = args.steps or d["steps"], args.guidance or d["guidance"]
-    sets = make_sets(args.sets)
-    rows = {name: measure(pipe, sets, steps, guidance, options) for name, options in VARIANTS.items()}
+    sets = make_sets(args.sets, args.set_seed)
+    rows = {name: measure(pipe, sets, steps, guidance, options) for name, options in variants.items()}
     print(f"{args.sets} sets x 3 targets, {steps} steps, guidance {guidance:g}")
     print(f"{'':30}{'bg agreement':>14}{'bg overlap':>12}{'colour ok':>11}{'shape ok':>10}")
     for name, r in rows.items():

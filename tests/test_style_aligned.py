@@ -82,6 +82,13 @@ def test_style_cli_generated_and_real_reference(tmp_path, capsys):
     assert (out / "grid.png").exists() and (out / "01.png").exists()
     info = json.loads(Image.open(out / "01.png").text["attnmod_style"])
     assert info["index"] == 1 and info["style_aligned"]["adain_queries"] is True
+    assert info["style_aligned"]["adain_values"] is False  # published default
+    tuned = tmp_path / "tuned"
+    assert main([*args[:-1], str(tuned), "--option", "adain_values=true", "--option", "shared_score_shift=0.5"]) == 0
+    info = json.loads(Image.open(tuned / "01.png").text["attnmod_style"])["style_aligned"]
+    assert info["adain_values"] is True and info["shared_score_shift"] == 0.5
+    assert main([*args[:-1], str(tmp_path / "z"), "--option", "adain_value=true"]) == 2
+    assert "NAME one of share_attention, adain_queries" in capsys.readouterr().err
     ref = out / "00.png"
     real = tmp_path / "real"
     assert main(["style", "--prompt", "a small green square at the top", "--ref-image", str(ref), "--ref-prompt",
@@ -97,6 +104,20 @@ def test_style_cli_generated_and_real_reference(tmp_path, capsys):
     assert main(["style", "--prompt", "a small green square at the top", "--ref-image", str(tmp_path / "broken.png"),
                  "--ref-prompt", "a large red circle", "--out", str(tmp_path / "y")]) == 2
     assert "cannot read the reference image" in capsys.readouterr().err
+
+
+def test_options_from_settings():
+    from attnmod.style_aligned import StyleAlignedOptions
+
+    o = StyleAlignedOptions().with_settings(["adain_values=yes", "only-self-level=0.25", "blocks=U*", "reference=1"])
+    assert (o.adain_values, o.only_self_level, o.blocks, o.reference) == (True, 0.25, "U*", 1)
+    assert StyleAlignedOptions().with_settings([]) == StyleAlignedOptions()
+    with pytest.raises(ValueError, match="takes true or false"):
+        StyleAlignedOptions().with_settings(["adain_values=maybe"])
+    with pytest.raises(ValueError, match="takes a number"):
+        StyleAlignedOptions().with_settings(["shared_score_scale=big"])
+    with pytest.raises(ValueError, match="fraction in"):
+        StyleAlignedOptions().with_settings(["only_self_level=2"])
 
 
 def test_empty_prompt_list_is_an_error(sd):
