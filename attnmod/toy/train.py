@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -25,7 +26,9 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from attnmod.attention import explicit_attention
 from attnmod.toy import dataset
+from attnmod.toy.grounding import grounding_loss, grounding_targets
 from attnmod.toy.model import SHIPPED, Components, ModelConfig, build, build_scheduler, save_pipeline
 from attnmod.toy.probe import CaptionProbe, labels_for_seeds, mask_dropped
 
@@ -41,7 +44,7 @@ class TrainConfig:
     vae_lr: float = 4e-4  # cosine-decayed to 10 % over vae_steps
     kl_weight: float = 1e-6
     cache_size: int = 20_000
-    steps: int = 20_000  # UNet + text encoder steps
+    steps: int = 21_500  # UNet + text encoder steps
     batch: int = 32
     lr: float = 1e-3
     warmup: int = 200
@@ -60,6 +63,11 @@ class TrainConfig:
     # that "left" and "right" had collapsed in the encoder's output; 0 uses it throughout.
     aux_from: int = 11_600
     aux_weight: float = 0.05
+    # UNet step from which ``ground_weight`` × the token-grounding loss (toy.grounding) is added: the
+    # size/colour/shape tokens' cross-attention at the latent resolution should fall on their object.
+    # Added at step 20,000 after measuring that the shape word's maps often avoided the object.
+    ground_from: int = 20_000
+    ground_weight: float = 0.1
     # Phase 3: fine-tune the VAE decoder with the encoder frozen (so the latent space, the cache and
     # the UNet stay valid; as Stability's ft-MSE decoder for SD). Object pixels (masks dilated by
     # 2 px) weigh ``object_weight`` in the loss: after phase 1 the decoder spent its capacity on the
@@ -71,8 +79,8 @@ class TrainConfig:
     def __post_init__(self):
         if not 0 <= self.caption_dropout < 1 or not 0 <= self.clause_dropout < 1:
             raise ValueError("dropout probabilities must be in [0, 1)")
-        if self.aux_weight < 0 or self.object_weight < 1:
-            raise ValueError("aux_weight must be >= 0 and object_weight >= 1")
+        if self.aux_weight < 0 or self.ground_weight < 0 or self.object_weight < 1:
+            raise ValueError("aux_weight and ground_weight must be >= 0, object_weight >= 1")
         if min(self.vae_steps, self.steps, self.decoder_steps) < 0 or min(self.batch, self.vae_batch, self.cache_size) < 1:
             raise ValueError("steps must be >= 0; batch sizes and cache_size >= 1")
 
@@ -171,9 +179,18 @@ def scheduler_at(cfg: TrainConfig, step: int):
     return build_scheduler(zero_terminal_snr=step >= cfg.zero_snr_from)
 
 
+def grounded_blocks(unet) -> list[str]:
+    """The cross-attention blocks at the latent resolution (the first down and the last up block)."""
+    last = len(unet.up_blocks) - 1
+    return [n for n, m in unet.named_modules() if n.endswith("attn2")
+            and (n.startswith("down_blocks.0.") or n.startswith(f"up_blocks.{last}."))]
+
+
 def _unet_step(c: Components, opt, cache: dict, empty_ids: torch.Tensor, cfg: TrainConfig,
-               g: torch.Generator, device, probe: CaptionProbe | None = None) -> tuple[float, float | None]:
-    """One optimizer step; returns the diffusion loss and the caption probe's loss (None if unused)."""
+               g: torch.Generator, device, probe: CaptionProbe | None = None,
+               ground: tuple[list[str], int] | None = None) -> tuple[float, float | None, float | None]:
+    """One optimizer step; returns the diffusion loss, the caption probe's and the grounding loss (None if
+    unused). ``ground``: (grounded block names, the comma's token id)."""
     sched = c.scheduler
     idx = torch.randint(0, len(cache["latents"]), (cfg.batch,), generator=g)
     keep_bg = torch.rand(cfg.batch, generator=g) >= cfg.clause_dropout
@@ -188,19 +205,30 @@ def _unet_step(c: Components, opt, cache: dict, empty_ids: torch.Tensor, cfg: Tr
     x0, noise, t, ids = x0.to(device), noise.to(device), t.to(device), ids.to(device)
     xt = sched.add_noise(x0, noise, t)
     target = sched.get_velocity(x0, noise, t)
-    emb = c.text_encoder(ids)[0]  # (B, L, D)
-    pred = c.unet(xt, t, emb).sample
+    probs: list[torch.Tensor] = []
+    capture = nullcontext() if ground is None else explicit_attention(
+        c.unet, {name: (lambda call, p: probs.append(p)) for name in ground[0]})
+    with capture:
+        emb = c.text_encoder(ids)[0]  # (B, L, D)
+        pred = c.unet(xt, t, emb).sample
     loss = F.mse_loss(pred, target)
-    aux = None
+    total = loss
+    aux = grounded = None
     if probe is not None:
         labels = mask_dropped(cache["labels"][idx], keep_bg, keep_style, ~drop).to(device)
         aux = probe.loss(emb, labels)
+        total = total + cfg.aux_weight * aux
+    if ground is not None:
+        rows, positions, masks = grounding_targets(idx.tolist(), ids.cpu(), ~drop, ground[1], tuple(x0.shape[-2:]))
+        if len(rows):
+            grounded = grounding_loss(probs, rows.to(device), positions.to(device), masks.to(device))
+            total = total + cfg.ground_weight * grounded
     opt.zero_grad(set_to_none=True)
-    (loss if aux is None else loss + cfg.aux_weight * aux).backward()
+    total.backward()
     params = opt.param_groups[0]["params"]  # the models; the probe is not clipped
     torch.nn.utils.clip_grad_norm_(params, 1.0)
     opt.step()
-    return loss.item(), None if aux is None else aux.item()
+    return loss.item(), None if aux is None else aux.item(), None if grounded is None else grounded.item()
 
 
 def export(c: Components, ema: dict, folder: Path) -> Path:
@@ -323,13 +351,16 @@ def train(cfg: TrainConfig = TrainConfig(), workdir: str | Path = ".train", expo
                 "opt": opt.state_dict(), "sched": sched.state_dict(), "rng": g.get_state(),
                 "scale": cache["scale"], "model_config": asdict(cfg.model), "train_config": asdict(cfg)}
 
+    ground = (grounded_blocks(c.unet), c.tokenizer.convert_tokens_to_ids(",</w>"))
     c.unet.train()
     c.text_encoder.train()
     bar = tqdm(total=cfg.steps, initial=step, desc="unet", disable=not progress)
     while step < cfg.steps:
         c.scheduler = scheduler_at(cfg, step)
         use_probe = cfg.aux_weight > 0 and step >= cfg.aux_from
-        loss, aux = _unet_step(c, opt, cache, empty_ids, cfg, g, device, probe if use_probe else None)
+        use_ground = cfg.ground_weight > 0 and step >= cfg.ground_from
+        loss, aux, grounded = _unet_step(c, opt, cache, empty_ids, cfg, g, device, probe if use_probe else None,
+                                         ground if use_ground else None)
         sched.step()
         step += 1
         decay = min(cfg.ema_decay, (1 + step) / (10 + step))
@@ -340,6 +371,8 @@ def train(cfg: TrainConfig = TrainConfig(), workdir: str | Path = ".train", expo
         info = {"phase": "unet", "step": step, "loss": loss, "lr": sched.get_last_lr()[0]}
         if aux is not None:
             info["probe_loss"] = aux
+        if grounded is not None:
+            info["grounding_loss"] = grounded
         if step % cfg.ckpt_every == 0 or step == cfg.steps:
             ckpt = unet_checkpoint()
             _save(ckpt, ckpt_path)
@@ -359,10 +392,11 @@ def train(cfg: TrainConfig = TrainConfig(), workdir: str | Path = ".train", expo
     dec_params = list(c.vae.decoder.parameters()) + list(c.vae.post_quant_conv.parameters())
     dec_opt = torch.optim.AdamW(dec_params, lr=cfg.decoder_lr, weight_decay=0.0)
     dec_step = 0
+    dg = torch.Generator().manual_seed(cfg.seed + 2)  # its own draws: the same decoder however long phase 2 ran
     if state is not None and state["phase"] == "decoder":
         dec_opt.load_state_dict(state["dec_opt"])
         dec_step = state["dec_step"]
-        g.set_state(state["rng"])
+        dg.set_state(state["dec_rng"])
     if dec_step < cfg.decoder_steps:
         c.vae.decoder.train()
         for p in dec_params:
@@ -371,14 +405,14 @@ def train(cfg: TrainConfig = TrainConfig(), workdir: str | Path = ".train", expo
         while dec_step < cfg.decoder_steps:
             for group in dec_opt.param_groups:
                 group["lr"] = cfg.decoder_lr * (0.1 + 0.45 * (1 + math.cos(math.pi * dec_step / cfg.decoder_steps)))
-            loss = _decoder_step(c, dec_opt, cfg, g, device)
+            loss = _decoder_step(c, dec_opt, cfg, dg, device)
             dec_step += 1
             bar.update()
             bar.set_postfix(loss=f"{loss:.4f}")
             info = {"phase": "decoder", "step": dec_step, "loss": loss}
             if dec_step % cfg.ckpt_every == 0 or dec_step == cfg.decoder_steps:
-                _save({**unet_checkpoint(), "phase": "decoder", "dec_step": dec_step, "dec_opt": dec_opt.state_dict()},
-                      ckpt_path)
+                _save({**unet_checkpoint(), "phase": "decoder", "dec_step": dec_step, "dec_opt": dec_opt.state_dict(),
+                       "dec_rng": dg.get_state()}, ckpt_path)
                 info["checkpoint"] = str(ckpt_path)
             if export_to is not None and (dec_step % cfg.export_every == 0 or dec_step == cfg.decoder_steps):
                 info["exported"] = str(export(c, ema, Path(export_to)))
