@@ -1,11 +1,10 @@
 """Self-attention segmentation with segment labels (attention course slides, "self-segmentation").
 
 Patches that attend alike belong together: k-means over the rows of the aggregated self-attention map
-gives segments; each segment is then labelled with the prompt words whose cross-attention is strongest
-inside it (e.g. "1-cat 0.65, 4-sunglasses 0.19"). The score is the mean of the word's map over the
-segment after scaling the map to [0, 1] (min to max), so a segment's size does not decide its label:
-a large background segment holds most of every diffuse map's *mass*, but the object's segment holds
-the object word's *peak*. A flat map (no location) scores 0 everywhere.
+gives segments; each segment is then labelled with the prompt words whose cross-attention mass falls
+most inside it, with that fraction as the score (e.g. "1-cat 0.65, 4-sunglasses 0.19"). Within a segment
+this ranks words as the attention density inside it relative to the image would (the segment's area is
+common to all words), so the label is the word that concentrates on that segment.
 """
 
 from __future__ import annotations
@@ -44,21 +43,18 @@ def kmeans(points: torch.Tensor, k: int, iters: int = 50, seed: int = 0) -> torc
 
 
 def segment_scores(cross: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
-    """Mean min-max-normalised cross-attention of each word in each segment.
+    """Share of each word's cross-attention mass inside each segment.
 
-    cross: (T, N) per-word maps over N patches; labels: (N,) segment per patch -> (k, T) in [0, 1].
+    cross: (T, N) per-word maps over N patches; labels: (N,) segment per patch -> (k, T), columns sum to 1.
     """
-    lo, hi = cross.min(1, keepdim=True).values, cross.max(1, keepdim=True).values  # (T, 1)
-    span = hi - lo
-    norm = torch.where(span > 1e-6 * hi.abs().clamp_min(1e-12), (cross - lo) / span.clamp_min(1e-12), 0.0)
-    member = F.one_hot(labels, k).float()  # (N, k)
-    return (member.T @ norm.T) / member.sum(0)[:, None].clamp_min(1)  # (k, T)
+    member = F.one_hot(labels, k).to(cross.dtype)  # (N, k)
+    return (member.T @ cross.T) / (cross.sum(1) + 1e-8)  # (k, T)
 
 
 @dataclass
 class Segmentation:
     labels: torch.Tensor  # (h, w) segment index per patch
-    legend: list[list[tuple[str, float]]]  # per segment: (word, segment_scores score), best first
+    legend: list[list[tuple[str, float]]]  # per segment: (word, share of its mass inside), best first
 
     def label(self, segment: int) -> str:
         words = self.legend[segment]

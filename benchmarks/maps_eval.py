@@ -1,6 +1,6 @@
 """Attention maps, self-segmentation and Prompt-to-Prompt measured on the embedded toy model.
 
-    python benchmarks/maps_eval.py [--seeds 2] [--steps N] [--guidance G] [--json FILE]
+    python benchmarks/maps_eval.py [--seeds 2] [--steps N] [--guidance G] [--maps-only] [--json FILE]
 
 Ground truth comes from the generated images themselves: the object is the set of pixels whose
 nearest palette colour is the prompted object colour (the toy model's palette is the dataset's).
@@ -70,6 +70,7 @@ def main(argv=None) -> int:
     ap.add_argument("--seeds", type=int, default=2)
     ap.add_argument("--steps", type=int)
     ap.add_argument("--guidance", type=float)
+    ap.add_argument("--maps-only", action="store_true", help="only parts 1-2 (no Prompt-to-Prompt edits)")
     ap.add_argument("--json")
     ap.add_argument("--model", default="toy", help="the embedded model, or a folder exported by train-toy")
     args = ap.parse_args(argv)
@@ -120,6 +121,11 @@ def main(argv=None) -> int:
               f"{own_phrase}/{n}; the shape word scores highest "
               f"on the object segment {shape_best}/{n}")
 
+    if args.maps_only:
+        if args.json:
+            with open(args.json, "w") as fh:
+                json.dump(results, fh, indent=1)
+        return 0
     outside, plain_outside, swapped = [], [], 0
     for seed in range(args.seeds):
         for color in colors[:4]:

@@ -73,7 +73,7 @@ def register(subparsers) -> None:
     p.add_argument("--export-only", action="store_true",
                    help="only export the EMA weights of WORKDIR/ckpt.pt to --export, no training")
     p.add_argument("--seed", type=int)
-    p.add_argument("--steps", type=int, help="UNet + text-encoder steps in total (default 20000)")
+    p.add_argument("--steps", type=int, help="UNet + text-encoder steps in total (default 21500)")
     p.add_argument("--vae-steps", type=int, help="VAE steps in total (default 2000)")
     p.add_argument("--decoder-steps", type=int, help="decoder fine-tune steps after the UNet phase (default 3000)")
     p.add_argument("--batch", type=int)
