@@ -96,10 +96,20 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def pixels(samples: list[dataset.Sample]) -> torch.Tensor:
+    """(B, 3, 64, 64) in [-1, 1] for the samples' images."""
+    arr = np.stack([s.image for s in samples])  # (B, 64, 64, 3) uint8
+    return torch.from_numpy(arr).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
 def images_tensor(seeds) -> torch.Tensor:
     """(B, 3, 64, 64) in [-1, 1] for the generator's images of ``seeds``."""
-    arr = np.stack([dataset.sample(int(s)).image for s in seeds])  # (B, 64, 64, 3) uint8
-    return torch.from_numpy(arr).permute(0, 3, 1, 2).float() / 127.5 - 1
+    return pixels([dataset.sample(int(s)) for s in seeds])
+
+
+def cosine_to_tenth(base: float, step: int, total: int) -> float:
+    """Learning rate ``base`` cosine-decayed to ``base / 10`` over ``total`` steps."""
+    return base * (0.1 + 0.45 * (1 + math.cos(math.pi * step / total)))
 
 
 def tokenize(tokenizer, captions: list[str]) -> torch.Tensor:
@@ -145,7 +155,7 @@ def _decoder_step(c: Components, opt, cfg: TrainConfig, g: torch.Generator, devi
     """One step of phase 3: reconstruct fresh images from the frozen encoder's latent means."""
     seeds = torch.randint(0, EVAL_SEED0, (cfg.vae_batch,), generator=g).tolist()
     samples = [dataset.sample(int(s)) for s in seeds]
-    x = torch.from_numpy(np.stack([s.image for s in samples])).permute(0, 3, 1, 2).float() / 127.5 - 1
+    x = pixels(samples)
     masks = torch.from_numpy(np.stack([s.masks.any(0) for s in samples]))[:, None]  # (B, 1, 64, 64)
     x, w = x.to(device), object_weights(masks, cfg.object_weight).to(device)
     with torch.no_grad():
@@ -166,7 +176,7 @@ def build_cache(c: Components, cfg: TrainConfig, device, progress: bool = True) 
     for start in tqdm(range(0, cfg.cache_size, 256), desc="latent cache", disable=not progress):
         seeds = range(start, min(start + 256, cfg.cache_size))
         samples = [dataset.sample(s) for s in seeds]
-        x = torch.from_numpy(np.stack([s.image for s in samples])).permute(0, 3, 1, 2).float() / 127.5 - 1
+        x = pixels(samples)
         latents.append(c.vae.encode(x.to(device)).latent_dist.mean.cpu())  # (b, 4, 16, 16)
         caps = [dataset.caption(s.scene, bg, st) for s in samples for bg, st in variants]
         ids.append(tokenize(c.tokenizer, caps).view(len(samples), len(variants), -1).to(torch.int32))
@@ -292,7 +302,7 @@ def train(cfg: TrainConfig = TrainConfig(), workdir: str | Path = ".train", expo
         bar = tqdm(total=cfg.vae_steps, initial=vae_step, desc="vae", disable=not progress)
         while vae_step < cfg.vae_steps:
             for group in vae_opt.param_groups:
-                group["lr"] = cfg.vae_lr * (0.1 + 0.45 * (1 + math.cos(math.pi * vae_step / cfg.vae_steps)))
+                group["lr"] = cosine_to_tenth(cfg.vae_lr, vae_step, cfg.vae_steps)
             loss = _vae_step(c, vae_opt, cfg, g, device)
             vae_step += 1
             bar.update()
@@ -404,7 +414,7 @@ def train(cfg: TrainConfig = TrainConfig(), workdir: str | Path = ".train", expo
         bar = tqdm(total=cfg.decoder_steps, initial=dec_step, desc="decoder", disable=not progress)
         while dec_step < cfg.decoder_steps:
             for group in dec_opt.param_groups:
-                group["lr"] = cfg.decoder_lr * (0.1 + 0.45 * (1 + math.cos(math.pi * dec_step / cfg.decoder_steps)))
+                group["lr"] = cosine_to_tenth(cfg.decoder_lr, dec_step, cfg.decoder_steps)
             loss = _decoder_step(c, dec_opt, cfg, dg, device)
             dec_step += 1
             bar.update()
