@@ -98,6 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--blocks", default="all", help="blocks whose attention is captured (selector)")
     p.add_argument("--segments", type=int, default=4, help="k of the self-attention k-means")
+    p.add_argument("--label-words", nargs="+", metavar="WORD",
+                   help="label segments with these prompt words only (e.g. the nouns; default: every word)")
     p.add_argument("--out", required=True, help="output folder")
 
     p = sub.add_parser("edit", help="Prompt-to-Prompt: edit an image by editing its prompt, keeping its layout")
@@ -334,7 +336,7 @@ def cmd_maps(args) -> int:
     with trace(pipe, blocks=args.blocks) as tc:
         image = to_pil(generate(pipe, recipe))
     maps = tc.result(recipe.prompt)
-    segmentation = self_segmentation(maps, k=args.segments)  # checks k before anything is written
+    segmentation = self_segmentation(maps, k=args.segments, words=args.label_words)  # checks k and the words first
     out = Path(args.out)
     save_png(image, out / "image.png", recipe)
     words = list(dict.fromkeys(t.removesuffix("</w>") for t in maps.tokens[0]

@@ -78,8 +78,13 @@ class Segmentation:
         return out
 
 
-def self_segmentation(maps: AttentionMaps, k: int = 4, image: int = 0, seed: int = 0) -> Segmentation:
-    """Cluster the self-attention of ``image`` into ``k`` segments and label them with prompt words."""
+def self_segmentation(maps: AttentionMaps, k: int = 4, image: int = 0, seed: int = 0,
+                      words: list[str] | None = None) -> Segmentation:
+    """Cluster the self-attention of ``image`` into ``k`` segments and label them with prompt words.
+
+    ``words``: the candidate labels (e.g. the prompt's nouns, as the slides' "cat", "sunglasses"); each
+    must be in the prompt, all its occurrences count together. Default: every word of the prompt.
+    """
     if maps.self_maps is None:
         raise ValueError("segmentation needs self-attention maps (trace(..., self_attention=True))")
     h, w = maps.self_resolution
@@ -88,9 +93,13 @@ def self_segmentation(maps: AttentionMaps, k: int = 4, image: int = 0, seed: int
     labels = kmeans(rows, k, seed=seed)  # (h*w,)
     cross = maps.cross[image].permute(2, 0, 1)[None].float()  # (1, T, H, W)
     cross = F.interpolate(cross, size=(h, w), mode="bilinear", align_corners=False)[0].flatten(1)  # (T, h*w)
-    words = [(i, t.removesuffix("</w>")) for i, t in enumerate(maps.tokens[image])
-             if not t.startswith("<|") and t.removesuffix("</w>").isalpha()]
-    scores = segment_scores(cross[[i for i, _ in words]], labels, k) if words else torch.zeros(k, 0)  # (k, W)
-    legend = [sorted(((word, float(scores[seg, j])) for j, (_, word) in enumerate(words)), key=lambda ws: -ws[1])
+    if words is None:
+        candidates = [([i], t.removesuffix("</w>")) for i, t in enumerate(maps.tokens[image])
+                      if not t.startswith("<|") and t.removesuffix("</w>").isalpha()]
+    else:
+        candidates = [(maps.token_index(word, image), word) for word in dict.fromkeys(words)]
+    word_maps = torch.stack([cross[i].sum(0) for i, _ in candidates]) if candidates else cross[:0]  # (W, h*w)
+    scores = segment_scores(word_maps, labels, k)  # (k, W)
+    legend = [sorted(((word, float(scores[seg, j])) for j, (_, word) in enumerate(candidates)), key=lambda ws: -ws[1])
               for seg in range(k)]
     return Segmentation(labels.view(h, w), legend)

@@ -1,18 +1,23 @@
 """Attention maps, self-segmentation and Prompt-to-Prompt measured on the embedded toy model.
 
     python benchmarks/maps_eval.py [--seeds 2] [--steps N] [--guidance G] [--maps-only] [--json FILE]
+                                   [--reweight-figure PNG]
 
 Ground truth comes from the generated images themselves: the object is the set of pixels whose
 nearest palette colour is the prompted object colour (the toy model's palette is the dataset's).
 1. localisation: prompts put a shape left/right/top/bottom; is the shape (and colour) word's
    cross-attention centroid on that side? Over every block and over the 16x16-latent blocks only.
+   And what share of the object's patches' attention do the shape and colour words receive?
 2. self-segmentation (k=3): IoU of the best-matching segment with the object mask; is that
    segment labelled with the shape word (its top word)? with an object word (shape or colour)? with
    a word only the object's phrase has ("a large red star on the left": large, red, star, the, left)?
+   with the shape word when only the prompt's nouns are candidate labels (words=[shape, background, style])?
    is it the shape word's highest-scoring segment?
 3. word swap circle -> square: mean pixel change outside the object (source vs edit, and source vs a
    plain generation of the edited prompt), and the shape of the edited object.
-4. re-weighting the colour word (x0.5, 1, 2, 4): share of pixels in the object colour.
+4. re-weighting the colour word (x0, 0.5, 1, 2, 4; 4 colours x seeds, each with another shape): the amount of that colour in the image (each
+   pixel projected from the white background onto the colour, 1 = the palette colour, averaged over
+   the image; it grows with the object's area and with its saturation) and the share of pixels in it.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ warnings.filterwarnings("ignore")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from PIL import Image  # noqa: E402
 
 from attnmod import Recipe, load_pipeline  # noqa: E402
 from attnmod.defaults import model_defaults  # noqa: E402
@@ -53,6 +59,13 @@ def object_mask(image: np.ndarray, color: str) -> np.ndarray:
     return parts[0] if parts else mask
 
 
+def colour_amount(image: np.ndarray, color: str, background: str = "white") -> float:
+    """Mean over pixels of the projection of (pixel - background) onto (colour - background), clipped at 0."""
+    bg = np.array(dataset.COLORS[background], dtype=np.float32) / 255
+    direction = np.array(dataset.COLORS[color], dtype=np.float32) / 255 - bg  # (3,)
+    return float(np.clip((image - bg) @ direction / (direction @ direction), 0, None).mean())
+
+
 # every block (DAAM's aggregate) and the 16x16-latent blocks only (Prompt-to-Prompt's res-16 aggregate)
 SELECTORS = ("all", "D0*+U3*")
 
@@ -72,6 +85,7 @@ def main(argv=None) -> int:
     ap.add_argument("--guidance", type=float)
     ap.add_argument("--maps-only", action="store_true", help="only parts 1-2 (no Prompt-to-Prompt edits)")
     ap.add_argument("--json")
+    ap.add_argument("--reweight-figure", help="write part 4's edits as a grid (rows: prompts, columns: factors)")
     ap.add_argument("--model", default="toy", help="the embedded model, or a folder exported by train-toy")
     args = ap.parse_args(argv)
     pipe = load_pipeline(args.model, device="cpu")
@@ -82,6 +96,7 @@ def main(argv=None) -> int:
 
     for selector in SELECTORS:
         hits, color_hits, ious, labelled, object_word, own_phrase, shape_best, n = 0, 0, [], 0, 0, 0, 0, 0
+        noun_labelled, taken = 0, []  # per image: share of the object patches' attention that goes to (shape word, colour word)
         for seed in range(args.seeds):
             for i, shape in enumerate(dataset.SHAPES):
                 for j, position in enumerate(SIDES):
@@ -94,7 +109,12 @@ def main(argv=None) -> int:
                     hits += on_side(maps.word_map(shape), position)
                     color_hits += on_side(maps.word_map(color), position)
                     mask = object_mask(image, color)
+                    patches = F.interpolate(torch.from_numpy(mask).float()[None, None], size=maps.cross.shape[1:3],
+                                            mode="area")[0, 0]  # (H, W) share of each latent patch in the object
+                    received = (maps.cross[0] * patches[..., None]).sum((0, 1))  # (tokens,)
+                    taken.append([float(received[maps.token_index(w)].sum() / received.sum()) for w in (shape, color)])
                     seg = self_segmentation(maps, k=3)
+                    nouns = self_segmentation(maps, k=3, words=[shape, "background", "style"])
                     up = F.interpolate(seg.labels[None, None].float(), size=mask.shape, mode="nearest")[0, 0]
                     up = up.long().numpy()
                     seg_iou = [((up == s) & mask).sum() / max(((up == s) | mask).sum(), 1) for s in range(3)]
@@ -103,6 +123,7 @@ def main(argv=None) -> int:
                     shape_scores = [dict(seg.legend[s]).get(shape, 0.0) for s in range(3)]
                     shape_best += int(int(np.argmax(shape_scores)) == best)
                     labelled += int(seg.label(best) == shape)
+                    noun_labelled += int(nouns.label(best) == shape)
                     object_word += int(seg.label(best) in (shape, color))
                     head, tail = text.split(",", 1)
                     own_phrase += int(seg.label(best) in set(head.split()) - set(tail.split()))
@@ -111,14 +132,19 @@ def main(argv=None) -> int:
                              "segmentation_iou": float(np.mean(ious)),
                              "object_segment_labelled_with_shape": labelled / n,
                              "object_segment_labelled_with_an_object_word": object_word / n,
+                             "object_segment_labelled_with_shape_among_nouns": noun_labelled / n,
                              "object_segment_labelled_from_its_phrase": own_phrase / n,
-                             "shape_word_scores_highest_on_object_segment": shape_best / n, "images": n}
+                             "shape_word_scores_highest_on_object_segment": shape_best / n,
+                             "object_attention_to_shape_word": float(np.mean(taken, 0)[0]),
+                             "object_attention_to_colour_word": float(np.mean(taken, 0)[1]), "images": n}
         print(f"blocks {selector!r}:")
         print(f"1. word-map centroid on the prompted side: shape word {hits}/{n} = {hits / n:.0%}, "
-              f"colour word {color_hits}/{n} = {color_hits / n:.0%}")
+              f"colour word {color_hits}/{n} = {color_hits / n:.0%}; the object's patches take "
+              f"{np.mean(taken, 0)[0]:.1%} of their attention from the shape word, {np.mean(taken, 0)[1]:.1%} from the colour word")
         print(f"2. self-segmentation: mean IoU {np.mean(ious):.2f}; object segment labelled with the shape word "
               f"{labelled}/{n}, with the shape or colour word {object_word}/{n}, with a word of the object's phrase "
-              f"{own_phrase}/{n}; the shape word scores highest "
+              f"{own_phrase}/{n}; labelled with the shape word among the nouns (shape, background, style) {noun_labelled}/{n}; "
+              f"the shape word scores highest "
               f"on the object segment {shape_best}/{n}")
 
     if args.maps_only:
@@ -145,20 +171,33 @@ def main(argv=None) -> int:
     print(f"3. word swap circle->square: mean |pixel change| outside the object {np.mean(outside):.3f} "
           f"(plain generation of the edited prompt: {np.mean(plain_outside):.3f}); edited shape is a square {swapped}/{k}")
 
-    factors = (0.5, 1.0, 2.0, 4.0)
-    strength = {f: [] for f in factors}
+    factors = (0.0, 0.5, 1.0, 2.0, 4.0)
+    strength, share = {f: [] for f in factors}, {f: [] for f in factors}
+    rows = []
     for seed in range(args.seeds):
-        for color in colors[:4]:
-            text = prompt("circle", color, "center")
+        for k, color in enumerate(colors[:4]):
+            text = prompt(dataset.SHAPES[(k + seed) % len(dataset.SHAPES)], color, "center")
+            row = []
             for f in factors:
                 r = edit(pipe, text, text, seed=seed, steps=steps, guidance=guidance, width=64, height=64,
                          options=EditOptions(0.0, 0.0, reweight={color: f}))
+                row.append(r.edited)
                 labels = label_pixels((r.edited * 255).round().astype(np.uint8))
-                strength[f].append(float((labels == _NAMES.index(color)).mean()))
-    means = {f: float(np.mean(v)) for f, v in strength.items()}
-    results["reweight_colour_share"] = means
-    print("4. colour-word re-weighting, share of pixels in the colour: "
-          + ", ".join(f"x{f:g}: {v:.3f}" for f, v in means.items()))
+                share[f].append(float((labels == _NAMES.index(color)).mean()))
+                strength[f].append(colour_amount(r.edited, color))
+            rows.append(np.concatenate(row, 1))
+    amounts = np.array([strength[f] for f in factors])  # (factors, images)
+    monotonic = int((np.diff(amounts, axis=0) > 0).all(0).sum())
+    results["reweight_colour_amount"] = {f: float(np.mean(v)) for f, v in strength.items()}
+    results["reweight_colour_share"] = {f: float(np.mean(v)) for f, v in share.items()}
+    results["reweight_monotonic_images"] = monotonic / amounts.shape[1]
+    print("4. colour-word re-weighting, amount of the colour: "
+          + ", ".join(f"x{f:g}: {np.mean(v):.4f}" for f, v in strength.items())
+          + f"; rising at every step in {monotonic}/{amounts.shape[1]} images; share of pixels in the colour: "
+          + ", ".join(f"x{f:g}: {np.mean(v):.4f}" for f, v in share.items()))
+    if args.reweight_figure:
+        grid = (np.concatenate(rows, 0) * 255).round().clip(0, 255).astype(np.uint8)
+        Image.fromarray(grid).resize((grid.shape[1] * 2, grid.shape[0] * 2), Image.NEAREST).save(args.reweight_figure)
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(results, fh, indent=1)

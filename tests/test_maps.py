@@ -146,6 +146,22 @@ def test_self_segmentation_separates_and_labels_segments():
         self_segmentation(synthetic_maps(), k=17)
 
 
+def test_self_segmentation_labels_with_chosen_words_only():
+    from attnmod.segment import self_segmentation
+
+    maps = synthetic_maps()
+    maps.cross[0, :, 2:, 2] = 0.5  # "cat" now leaks to the right ...
+    maps.cross[0, :, 2:, 3] = 0.0  # ... and "and" looks only left: it concentrates there more than "cat"
+    everything = self_segmentation(maps, k=2)
+    left = int(everything.labels[0, 0])
+    assert everything.label(left) == "and"
+    nouns = self_segmentation(maps, k=2, words=["cat", "dog", "cat"])  # duplicates count once
+    assert nouns.label(left) == "cat" and [w for w, _ in nouns.legend[left]] == ["cat", "dog"]
+    assert torch.equal(nouns.labels, everything.labels)  # the words change the labels, not the segments
+    with pytest.raises(ValueError, match="'bird' is not in the prompt; its tokens are: a cat and dog"):
+        self_segmentation(maps, k=2, words=["cat", "bird"])
+
+
 def test_maps_cli_writes_word_maps_pca_and_segments(sd_folder, tmp_path, capsys):
     from attnmod.cli import main
 
@@ -155,6 +171,13 @@ def test_maps_cli_writes_word_maps_pca_and_segments(sd_folder, tmp_path, capsys)
     for name in ("image.png", "words.png", "self-attention-pca.png", "segments.png"):
         assert (out / name).exists(), name
     assert "segment 0:" in capsys.readouterr().out
+    assert main(["maps", "--model", str(sd_folder), "--prompt", "a red cat", "--steps", "2", "--size", "32x32",
+                 "--segments", "2", "--label-words", "cat", "--out", str(tmp_path / "nouns")]) == 0
+    printed = capsys.readouterr().out
+    assert "segment 1: cat" in printed and "red" not in printed
+    assert main(["maps", "--model", str(sd_folder), "--prompt", "a red cat", "--steps", "2", "--size", "32x32",
+                 "--label-words", "dog", "--out", str(tmp_path / "dog")]) == 2
+    assert "'dog' is not in the prompt" in capsys.readouterr().err
     assert main(["maps", "--model", str(sd_folder), "--prompt", "a red cat", "--steps", "2", "--size", "32x32",
                  "--segments", "999", "--out", str(tmp_path / "bad")]) == 2
     assert "patches" in capsys.readouterr().err

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from attnmod.attention import explicit_attention
 from attnmod.toy import dataset
-from attnmod.toy.grounding import grounding_loss, grounding_targets
+from attnmod.toy.grounding import grounded_maps, grounding_targets, pixel_loss, token_loss
 from attnmod.toy.model import SHIPPED, Components, ModelConfig, build, build_scheduler, save_pipeline
 from attnmod.toy.probe import CaptionProbe, labels_for_seeds, mask_dropped
 
@@ -68,6 +68,11 @@ class TrainConfig:
     # Added at step 20,000 after measuring that the shape word's maps often avoided the object.
     ground_from: int = 20_000
     ground_weight: float = 0.1
+    # ... plus ``ground_pixel_weight`` × TokenCompose's pixel term (toy.grounding.pixel_loss): each
+    # patch of the object should take much of its attention from those tokens, not only the tokens'
+    # attention land on the object. Without it the colour word passed under 1 % of the object's
+    # attention (the phrase's last words carried the colour) and re-weighting it changed nothing.
+    ground_pixel_weight: float = 0.05
     # Phase 3: fine-tune the VAE decoder with the encoder frozen (so the latent space, the cache and
     # the UNet stay valid; as Stability's ft-MSE decoder for SD). Object pixels (masks dilated by
     # 2 px) weigh ``object_weight`` in the loss: after phase 1 the decoder spent its capacity on the
@@ -79,8 +84,8 @@ class TrainConfig:
     def __post_init__(self):
         if not 0 <= self.caption_dropout < 1 or not 0 <= self.clause_dropout < 1:
             raise ValueError("dropout probabilities must be in [0, 1)")
-        if self.aux_weight < 0 or self.ground_weight < 0 or self.object_weight < 1:
-            raise ValueError("aux_weight and ground_weight must be >= 0, object_weight >= 1")
+        if min(self.aux_weight, self.ground_weight, self.ground_pixel_weight) < 0 or self.object_weight < 1:
+            raise ValueError("aux_weight, ground_weight and ground_pixel_weight must be >= 0, object_weight >= 1")
         if min(self.vae_steps, self.steps, self.decoder_steps) < 0 or min(self.batch, self.vae_batch, self.cache_size) < 1:
             raise ValueError("steps must be >= 0; batch sizes and cache_size >= 1")
 
@@ -231,8 +236,9 @@ def _unet_step(c: Components, opt, cache: dict, empty_ids: torch.Tensor, cfg: Tr
     if ground is not None:
         rows, positions, masks = grounding_targets(idx.tolist(), ids.cpu(), ~drop, ground[1], tuple(x0.shape[-2:]))
         if len(rows):
-            grounded = grounding_loss(probs, rows.to(device), positions.to(device), masks.to(device))
-            total = total + cfg.ground_weight * grounded
+            maps, masks = grounded_maps(probs, rows.to(device), positions.to(device)), masks.to(device)
+            grounded = cfg.ground_weight * token_loss(maps, masks) + cfg.ground_pixel_weight * pixel_loss(maps, masks)
+            total = total + grounded
     opt.zero_grad(set_to_none=True)
     total.backward()
     params = opt.param_groups[0]["params"]  # the models; the probe is not clipped
@@ -368,7 +374,7 @@ def train(cfg: TrainConfig = TrainConfig(), workdir: str | Path = ".train", expo
     while step < cfg.steps:
         c.scheduler = scheduler_at(cfg, step)
         use_probe = cfg.aux_weight > 0 and step >= cfg.aux_from
-        use_ground = cfg.ground_weight > 0 and step >= cfg.ground_from
+        use_ground = cfg.ground_weight + cfg.ground_pixel_weight > 0 and step >= cfg.ground_from
         loss, aux, grounded = _unet_step(c, opt, cache, empty_ids, cfg, g, device, probe if use_probe else None,
                                          ground if use_ground else None)
         sched.step()
