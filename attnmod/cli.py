@@ -96,7 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("maps", help="cross-attention word maps, self-attention PCA and self-segmentation")
     _gen_args(p)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--blocks", default="all", help="blocks whose attention is captured (selector)")
+    p.add_argument("--blocks", help="blocks whose attention is captured (selector; default: the model's, "
+                                    "'all' but the 16x16 blocks 'D0*+U3*' on the embedded model)")
     p.add_argument("--segments", type=int, default=4, help="k of the self-attention k-means")
     p.add_argument("--label-words", nargs="+", metavar="WORD",
                    help="label segments with these prompt words only (e.g. the nouns; default: every word)")
@@ -325,6 +326,7 @@ def cmd_influence(args) -> int:
 
 
 def cmd_maps(args) -> int:
+    from .defaults import model_defaults
     from .generate import generate
     from .grid import make_grid
     from .maps import trace
@@ -333,7 +335,7 @@ def cmd_maps(args) -> int:
 
     pipe = _load(args)
     recipe = _base_recipe(args, pipe, args.prompt, args.seed)
-    with trace(pipe, blocks=args.blocks) as tc:
+    with trace(pipe, blocks=args.blocks or model_defaults(pipe)["maps_blocks"]) as tc:
         image = to_pil(generate(pipe, recipe))
     maps = tc.result(recipe.prompt)
     segmentation = self_segmentation(maps, k=args.segments, words=args.label_words)  # checks k and the words first

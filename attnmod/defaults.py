@@ -1,4 +1,4 @@
-"""Per-model default sampling settings (steps, guidance, size) when the user gives none."""
+"""Per-model default settings (steps, guidance, size, maps blocks) when the user gives none."""
 
 from __future__ import annotations
 
@@ -7,17 +7,22 @@ from pathlib import Path
 
 from .loading import EMBEDDED_MODEL
 
+# The embedded model's word maps localise from its 16x16-latent blocks (32/32 images) and blur when its
+# 2x2-8x8 blocks are summed in (27/32): benchmarks/maps_eval.py, docs/attnmod.md.
+TOY_MAPS_BLOCKS = "D0*+U3*"
+
 
 def model_defaults(pipe) -> dict:
-    """Steps, guidance and size: the model folder's ``attnmod_defaults.json`` if it has one, the
-    measured defaults of the embedded toy model (``toy.evaluate``), else diffusers' usual values."""
+    """Steps, guidance, size and the blocks ``attnmod maps`` captures: the model folder's
+    ``attnmod_defaults.json`` if it has one, the measured defaults of the embedded toy model
+    (``toy.evaluate``, ``TOY_MAPS_BLOCKS``), else diffusers' usual values and every block."""
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
-    defaults = {"steps": 30, "guidance": 7.5, "width": size, "height": size}
+    defaults = {"steps": 30, "guidance": 7.5, "width": size, "height": size, "maps_blocks": "all"}
     folder = getattr(pipe, "name_or_path", None) or pipe.config.get("_name_or_path")
     if folder and Path(folder).resolve() == EMBEDDED_MODEL.resolve():
         from .toy.evaluate import DEFAULT_GUIDANCE, DEFAULT_STEPS
 
-        defaults.update(steps=DEFAULT_STEPS, guidance=DEFAULT_GUIDANCE)
+        defaults.update(steps=DEFAULT_STEPS, guidance=DEFAULT_GUIDANCE, maps_blocks=TOY_MAPS_BLOCKS)
     path = Path(folder) / "attnmod_defaults.json" if folder else None
     if path is not None and path.is_file():
         defaults.update(json.loads(path.read_text()))
