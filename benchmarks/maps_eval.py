@@ -43,7 +43,7 @@ from attnmod.maps import trace  # noqa: E402
 from attnmod.p2p import EditOptions, edit  # noqa: E402
 from attnmod.segment import self_segmentation  # noqa: E402
 from attnmod.toy import dataset  # noqa: E402
-from attnmod.toy.evaluate import _NAMES, classify_shape, components, label_pixels  # noqa: E402
+from attnmod.toy.evaluate import _NAMES, classify_shape, colour_amount, components, label_pixels  # noqa: E402
 
 SIDES = {"left": (0, -1), "right": (0, 1), "top": (1, -1), "bottom": (1, 1)}  # (axis: 0 x 1 y, sign)
 
@@ -57,13 +57,6 @@ def object_mask(image: np.ndarray, color: str) -> np.ndarray:
     mask = labels == _NAMES.index(color)
     parts = components(mask)
     return parts[0] if parts else mask
-
-
-def colour_amount(image: np.ndarray, color: str, background: str = "white") -> float:
-    """Mean over pixels of the projection of (pixel - background) onto (colour - background), clipped at 0."""
-    bg = np.array(dataset.COLORS[background], dtype=np.float32) / 255
-    direction = np.array(dataset.COLORS[color], dtype=np.float32) / 255 - bg  # (3,)
-    return float(np.clip((image - bg) @ direction / (direction @ direction), 0, None).mean())
 
 
 # every block (DAAM's aggregate) and the 16x16-latent blocks only (Prompt-to-Prompt's res-16 aggregate)

@@ -91,3 +91,17 @@ def test_local_blend_keeps_the_source_outside_the_words_region(sd):
     assert 0 < changed.mean() < 1  # only part of the image may change
     with pytest.raises(ValueError, match="in neither prompt"):
         edit(sd, "a red cat", "a red dog", options=EditOptions(local_blend=("bird",)), **KW)
+
+
+@pytest.mark.parametrize("color, shape", [("red", "circle"), ("green", "star")])
+def test_reweighting_a_colour_word_sets_its_strength_on_the_embedded_model(color, shape):
+    """The issue's check, on the shipped model: x0 weakens the colour, x4 strengthens it (maps_eval part 4)."""
+    from attnmod import load_pipeline
+    from attnmod.toy.evaluate import colour_amount
+
+    pipe = load_pipeline("toy", device="cpu")
+    prompt = f"a large {color} {shape} in the center, on a plain white background, flat style"
+    amount = [colour_amount(edit(pipe, prompt, prompt, seed=0, steps=8, guidance=3.0, width=64, height=64,
+                                 options=EditOptions(0.0, 0.0, reweight={color: f})).edited, color)
+              for f in (0.0, 1.0, 4.0)]
+    assert amount[0] < 0.9 * amount[1] and amount[2] > 1.3 * amount[1], amount

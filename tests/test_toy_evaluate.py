@@ -60,3 +60,19 @@ def test_reconstruction_score_reads_the_round_trip():
     assert min(evaluate.score_reconstruction(pipe, scenes, batch=4).values()) >= 0.9
     pipe.vae = _StubVAE(flat=True)
     assert evaluate.score_reconstruction(pipe, scenes)["shape"] == 0.0
+
+
+def test_colour_amount_projects_pixels_from_the_background_onto_the_colour():
+    import numpy as np
+
+    from attnmod.toy import dataset
+    from attnmod.toy.evaluate import colour_amount
+
+    white = np.full((4, 4, 3), 245 / 255, dtype=np.float32)
+    red = np.broadcast_to(np.array(dataset.COLORS["red"], dtype=np.float32) / 255, (4, 4, 3)).copy()
+    assert colour_amount(white, "red") == 0.0 and abs(colour_amount(red, "red") - 1.0) < 1e-5
+    half = white.copy()
+    half[:2] = red[:2]
+    assert abs(colour_amount(half, "red") - 0.5) < 1e-5
+    cyan = np.broadcast_to(np.array(dataset.COLORS["cyan"], dtype=np.float32) / 255, (4, 4, 3))
+    assert 0 < colour_amount(cyan, "red") < 0.2  # another colour counts only by its overlap with red's direction

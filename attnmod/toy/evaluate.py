@@ -136,6 +136,15 @@ def nearest_anchor(mask: np.ndarray) -> str:
     return min(dataset.ANCHORS, key=lambda k: (dataset.ANCHORS[k][0] - cx) ** 2 + (dataset.ANCHORS[k][1] - cy) ** 2)
 
 
+def colour_amount(image: np.ndarray, color: str, background: str = "white") -> float:
+    """How much of ``color`` an (H, W, 3) [0, 1] image holds: each pixel projected from the background
+    colour onto the palette colour (1 = the palette colour, clipped at 0), averaged over the image. It
+    grows with the object's area and with its saturation."""
+    bg = np.array(dataset.COLORS[background], dtype=np.float32) / 255
+    direction = np.array(dataset.COLORS[color], dtype=np.float32) / 255 - bg  # (3,)
+    return float(np.clip((image - bg) @ direction / (direction @ direction), 0, None).mean())
+
+
 def dominant_color(labels: np.ndarray, mask: np.ndarray) -> str | None:
     vals = labels[mask]
     vals = vals[vals >= 0]
