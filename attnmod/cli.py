@@ -105,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("edit", help="Prompt-to-Prompt: edit an image by editing its prompt, keeping its layout")
     _gen_args(p)
-    p.add_argument("--to", required=True, help="the edited prompt")
+    p.add_argument("--to", help="the edited prompt")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--refine", action="store_true", help="the edit adds words (aligned words keep their maps)")
     p.add_argument("--cross-replace", type=float, default=0.8, help="fraction of steps with the source's cross maps")
@@ -114,6 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="scale a word's cross-attention in the edit (repeatable)")
     p.add_argument("--blend", action="append", default=[], metavar="WORD",
                    help="local blend: only where these words attend may the image change (repeatable)")
+    p.add_argument("--recipe", help="remake the edit of a source.png / edit.png written by attnmod edit")
     p.add_argument("--out", required=True, help="output folder")
 
     p = sub.add_parser("style", help="StyleAligned: a set of images sharing the first one's (or a real image's) style")
@@ -221,15 +222,16 @@ def _use_scheduler_class(pipe, name: str) -> None:
         pipe.scheduler = getattr(diffusers, name).from_config(pipe.scheduler.config)
 
 
-def _read_style_recipe(path: str):
+def _read_command_recipe(path: str, command: str):
+    """The recipe of an image ``attnmod <command>`` wrote, and the ``attnmod_<command>`` chunk beside it."""
     import json
 
     from .recipe import Recipe
 
     with Image.open(path) as im:
-        text = getattr(im, "text", {}).get("attnmod_style")
+        text = getattr(im, "text", {}).get(f"attnmod_{command}")
     if text is None:
-        raise ValueError(f"{path} was not written by attnmod style (no attnmod_style text chunk)")
+        raise ValueError(f"{path} was not written by attnmod {command} (no attnmod_{command} text chunk)")
     return Recipe.from_png(path), json.loads(text)
 
 
@@ -355,29 +357,45 @@ def cmd_maps(args) -> int:
 
 
 def cmd_edit(args) -> int:
+    from dataclasses import asdict
+    from dataclasses import replace as dc_replace
+
     from .grid import side_by_side
     from .p2p import EditOptions, edit
-    from .recipe import to_pil, write_image
+    from .recipe import save_png, to_pil, write_image
 
-    reweight = {}
-    for item in args.reweight:
-        word, sep, factor = item.partition("=")
-        if not sep:
-            raise ValueError(f"--reweight expects WORD=FACTOR, got {item!r}")
-        reweight[word] = float(factor)
-    options = EditOptions(args.cross_replace, args.self_replace, reweight, local_blend=tuple(args.blend))
+    if args.recipe:  # remake the edit exactly: prompts, seed, sampling and options from the PNG
+        recipe, info = _read_command_recipe(args.recipe, "edit")
+        args.prompt, args.to, args.refine = info["source"], info["target"], info["mode"] == "refine"
+        args.seed, args.steps, args.guidance = recipe.seed, recipe.steps, recipe.guidance
+        args.size, args.negative_prompt = (recipe.width, recipe.height), recipe.negative_prompt
+        args.model = args.model or recipe.model
+        options = EditOptions(**{**info["options"], "local_blend": tuple(info["options"]["local_blend"])})
+    else:
+        if not args.prompt or not args.to:
+            raise ValueError("give --prompt and --to (or --recipe to remake an edit)")
+        reweight = {}
+        for item in args.reweight:
+            word, sep, factor = item.partition("=")
+            if not sep:
+                raise ValueError(f"--reweight expects WORD=FACTOR, got {item!r}")
+            reweight[word] = float(factor)
+        options = EditOptions(args.cross_replace, args.self_replace, reweight, local_blend=tuple(args.blend))
     pipe = _load(args)
     _check_prompts(args.model, [args.to])
     recipe = _base_recipe(args, pipe, args.prompt, args.seed)
+    mode = "refine" if args.refine else "swap"
     result = edit(pipe, recipe.prompt, args.to, seed=recipe.seed, steps=recipe.steps, guidance=recipe.guidance,
-                  width=recipe.width, height=recipe.height, options=options,
-                  mode="refine" if args.refine else "swap")
+                  width=recipe.width, height=recipe.height, options=options, mode=mode)
     out = Path(args.out)
-    source, edited = to_pil(result.source), to_pil(result.edited)
-    size = max(256, source.width)
-    pair = side_by_side([im.resize((size, size), Image.NEAREST) for im in (source, edited)], gap=8)
-    for name, im in (("source.png", source), ("edit.png", edited), ("side-by-side.png", pair)):
-        write_image(out / name, im)
+    info = {"source": recipe.prompt, "target": args.to, "mode": mode, "options": asdict(options)}
+    save_png(result.source, out / "source.png", recipe, extra={"attnmod_edit": {**info, "image": "source"}})
+    save_png(result.edited, out / "edit.png", dc_replace(recipe, prompt=args.to),
+             extra={"attnmod_edit": {**info, "image": "edit"}})
+    size = max(256, recipe.width)
+    pair = side_by_side([to_pil(im).resize((size, size), Image.NEAREST) for im in (result.source, result.edited)],
+                        gap=8)
+    write_image(out / "side-by-side.png", pair)
     print(f"wrote {out}/source.png, edit.png, side-by-side.png")
     return 0
 
@@ -389,7 +407,7 @@ def cmd_style(args) -> int:
     from .recipe import save_png, to_pil, write_image
     from .style_aligned import StyleAlignedOptions, generate_style_set
 
-    recipe, info = _read_style_recipe(args.recipe) if args.recipe else (None, {})
+    recipe, info = _read_command_recipe(args.recipe, "style") if args.recipe else (None, {})
     if recipe is not None:  # remake the set exactly: prompts, seeds, sampling, options from the PNG
         args.prompt, args.style, args.ref_image, args.ref_prompt = info["prompts"], "", info["ref_image"], info[
             "ref_prompt"]

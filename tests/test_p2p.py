@@ -1,3 +1,5 @@
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -74,6 +76,22 @@ def test_edit_cli(sd_folder, tmp_path, capsys):
     assert main(["edit", "--model", str(sd_folder), "--prompt", "a red cat", "--to", "a red dog", "--steps", "3",
                  "--size", "32x32", "--reweight", "red=2", "--blend", "dog", "--out", str(out)]) == 0
     assert all((out / n).exists() for n in ("source.png", "edit.png", "side-by-side.png"))
+    from PIL import Image
+
+    from attnmod.recipe import Recipe
+
+    assert Recipe.from_png(out / "source.png").prompt == "a red cat"
+    assert Recipe.from_png(out / "edit.png").prompt == "a red dog"
+    info = json.loads(Image.open(out / "edit.png").text["attnmod_edit"])
+    assert info["options"]["reweight"] == {"red": 2.0} and info["options"]["local_blend"] == ["dog"]
+    again = tmp_path / "again"
+    assert main(["edit", "--recipe", str(out / "edit.png"), "--out", str(again)]) == 0  # model from the recipe
+    for name in ("source.png", "edit.png"):
+        assert np.array_equal(np.asarray(Image.open(out / name)), np.asarray(Image.open(again / name))), name
+    assert main(["edit", "--model", str(sd_folder), "--prompt", "a red cat", "--out", str(tmp_path / "x")]) == 2
+    assert "give --prompt and --to" in capsys.readouterr().err
+    assert main(["edit", "--recipe", str(out / "side-by-side.png"), "--out", str(tmp_path / "y")]) == 2
+    assert "not written by attnmod edit" in capsys.readouterr().err
     assert main(["edit", "--model", str(sd_folder), "--prompt", "a red cat", "--to", "a red cat and a dog",
                  "--steps", "2", "--size", "32x32", "--out", str(tmp_path / "bad")]) == 2
     assert "refinement" in capsys.readouterr().err
