@@ -108,7 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--to", help="the edited prompt")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--refine", action="store_true", help="the edit adds words (aligned words keep their maps)")
-    p.add_argument("--cross-replace", type=float, default=0.8, help="fraction of steps with the source's cross maps")
+    p.add_argument("--cross-replace", action="append", default=[], metavar="FRACTION|WORD=FRACTION",
+                   help="fraction of steps with the source's cross maps (default 0.8); WORD=FRACTION overrides it "
+                        "for one word of the edited prompt (repeatable)")
     p.add_argument("--self-replace", type=float, default=0.4, help="fraction of steps with the source's self maps")
     p.add_argument("--reweight", action="append", default=[], metavar="WORD=FACTOR",
                    help="scale a word's cross-attention in the edit (repeatable)")
@@ -356,6 +358,19 @@ def cmd_maps(args) -> int:
     return 0
 
 
+def _cross_replace(items: list[str]) -> float | dict[str, float]:
+    """``--cross-replace`` values -> ``EditOptions.cross_replace_steps``: a fraction, or per word with
+    the default under ``"default_"`` (Prompt-to-Prompt's form)."""
+    fractions: dict[str, float] = {"default_": 0.8}
+    for item in items:
+        word, sep, value = item.rpartition("=")
+        try:
+            fractions[word if sep else "default_"] = float(value)
+        except ValueError:
+            raise ValueError(f"--cross-replace expects a fraction or WORD=FRACTION, got {item!r}") from None
+    return fractions if len(fractions) > 1 else fractions["default_"]
+
+
 def cmd_edit(args) -> int:
     from dataclasses import asdict
     from dataclasses import replace as dc_replace
@@ -380,7 +395,8 @@ def cmd_edit(args) -> int:
             if not sep:
                 raise ValueError(f"--reweight expects WORD=FACTOR, got {item!r}")
             reweight[word] = float(factor)
-        options = EditOptions(args.cross_replace, args.self_replace, reweight, local_blend=tuple(args.blend))
+        options = EditOptions(_cross_replace(args.cross_replace), args.self_replace, reweight,
+                              local_blend=tuple(args.blend))
     pipe = _load(args)
     _check_prompts(args.model, [args.to])
     recipe = _base_recipe(args, pipe, args.prompt, args.seed)

@@ -97,6 +97,10 @@ class PromptToPrompt:
                 raise ValueError(f"cannot re-weight {word!r}: not in the edited prompt "
                                  f"(its words are: {' '.join(_words(tok, target))})")
             self.weights[hits] = factor
+        if isinstance(options.cross_replace_steps, dict):
+            for word in set(options.cross_replace_steps) - {"default_"} - set(words):
+                raise ValueError(f"cross_replace_steps names {word!r}, which is not in the edited prompt "
+                                 f"(its words are: {' '.join(_words(tok, target))})")
         self.num_steps = 0
         src_words = ["<start>"] + _words(tok, source)
         self.blend_tokens = []  # (image 0 = source, image 1 = edit) token indices of the blend words

@@ -65,6 +65,8 @@ def test_bad_edit_input(sd):
         edit(sd, "a red cat", "a red dog", options=EditOptions(reweight={"blue": 2.0}), **KW)
     with pytest.raises(ValueError, match="fractions"):
         EditOptions(cross_replace_steps=1.5)
+    with pytest.raises(ValueError, match="names 'cat', which is not in the edited prompt .*a red dog"):
+        edit(sd, "a red cat", "a red dog", options=EditOptions({"default_": 0.8, "cat": 0.2}), **KW)
     with pytest.raises(ValueError, match="unknown edit mode"):
         edit(sd, "a red cat", "a red dog", mode="paint", **KW)
 
@@ -88,6 +90,17 @@ def test_edit_cli(sd_folder, tmp_path, capsys):
     assert main(["edit", "--recipe", str(out / "edit.png"), "--out", str(again)]) == 0  # model from the recipe
     for name in ("source.png", "edit.png"):
         assert np.array_equal(np.asarray(Image.open(out / name)), np.asarray(Image.open(again / name))), name
+    from attnmod.cli import _cross_replace
+
+    assert _cross_replace([]) == 0.8 and _cross_replace(["0.5"]) == 0.5
+    assert _cross_replace(["0.6", "dog=0.2"]) == {"default_": 0.6, "dog": 0.2}
+    with pytest.raises(ValueError, match="WORD=FRACTION"):
+        _cross_replace(["dog=lots"])
+    per_word = tmp_path / "per-word"
+    assert main(["edit", "--model", str(sd_folder), "--prompt", "a red cat", "--to", "a red dog", "--steps", "3",
+                 "--size", "32x32", "--cross-replace", "dog=0.2", "--out", str(per_word)]) == 0
+    options = json.loads(Image.open(per_word / "edit.png").text["attnmod_edit"])["options"]
+    assert options["cross_replace_steps"] == {"default_": 0.8, "dog": 0.2}
     assert main(["edit", "--model", str(sd_folder), "--prompt", "a red cat", "--out", str(tmp_path / "x")]) == 2
     assert "give --prompt and --to" in capsys.readouterr().err
     assert main(["edit", "--recipe", str(out / "side-by-side.png"), "--out", str(tmp_path / "y")]) == 2
