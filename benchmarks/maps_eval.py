@@ -8,7 +8,8 @@ nearest palette colour is the prompted object colour (the toy model's palette is
 1. localisation: prompts put a shape left/right/top/bottom; is the shape (and colour) word's
    cross-attention centroid on that side? Over every block and over the 16x16-latent blocks only.
    And what share of the object's patches' attention do the shape and colour words receive?
-2. self-segmentation (k=3): IoU of the best-matching segment with the object mask; is that
+2. self-segmentation (k=3): IoU of the best-matching segment with the object mask (and with the
+   generator's mask of the prompted scene: dataset.shape_mask at the position's anchor); is that
    segment labelled with the shape word (its top word)? with an object word (shape or colour)? with
    a word only the object's phrase has ("a large red star on the left": large, red, star, the, left)?
    with the shape word when only the prompt's nouns are candidate labels (words=[shape, background, style])?
@@ -89,7 +90,7 @@ def main(argv=None) -> int:
 
     for selector in SELECTORS:
         hits, color_hits, ious, labelled, object_word, own_phrase, shape_best, n = 0, 0, [], 0, 0, 0, 0, 0
-        noun_labelled, taken = 0, []  # per image: share of the object patches' attention that goes to (shape word, colour word)
+        noun_labelled, taken, scene_ious, drawn_vs_generated = 0, [], [], []  # per image: share of the object patches' attention that goes to (shape word, colour word)
         for seed in range(args.seeds):
             for i, shape in enumerate(dataset.SHAPES):
                 for j, position in enumerate(SIDES):
@@ -113,6 +114,10 @@ def main(argv=None) -> int:
                     seg_iou = [((up == s) & mask).sum() / max(((up == s) | mask).sum(), 1) for s in range(3)]
                     best = int(np.argmax(seg_iou))
                     ious.append(float(seg_iou[best]))
+                    cx, cy = dataset.ANCHORS[position]
+                    drawn = dataset.shape_mask(shape, cx, cy, dataset.RADIUS["large"])  # the generator's own mask
+                    scene_ious.append(max(((up == s) & drawn).sum() / ((up == s) | drawn).sum() for s in range(3)))
+                    drawn_vs_generated.append((drawn & mask).sum() / (drawn | mask).sum())
                     shape_scores = [dict(seg.legend[s]).get(shape, 0.0) for s in range(3)]
                     shape_best += int(int(np.argmax(shape_scores)) == best)
                     labelled += int(seg.label(best) == shape)
@@ -123,6 +128,8 @@ def main(argv=None) -> int:
                     n += 1
         results[selector] = {"localisation": hits / n, "colour_localisation": color_hits / n,
                              "segmentation_iou": float(np.mean(ious)),
+                             "segmentation_iou_with_generator_mask": float(np.mean(scene_ious)),
+                             "generated_object_iou_with_generator_mask": float(np.mean(drawn_vs_generated)),
                              "object_segment_labelled_with_shape": labelled / n,
                              "object_segment_labelled_with_an_object_word": object_word / n,
                              "object_segment_labelled_with_shape_among_nouns": noun_labelled / n,
@@ -134,7 +141,8 @@ def main(argv=None) -> int:
         print(f"1. word-map centroid on the prompted side: shape word {hits}/{n} = {hits / n:.0%}, "
               f"colour word {color_hits}/{n} = {color_hits / n:.0%}; the object's patches take "
               f"{np.mean(taken, 0)[0]:.1%} of their attention from the shape word, {np.mean(taken, 0)[1]:.1%} from the colour word")
-        print(f"2. self-segmentation: mean IoU {np.mean(ious):.2f}; object segment labelled with the shape word "
+        print(f"2. self-segmentation: mean IoU {np.mean(ious):.2f} (with the generator's mask of the prompted scene: "
+              f"{np.mean(scene_ious):.2f}; the generated object's own IoU with it: {np.mean(drawn_vs_generated):.2f}); object segment labelled with the shape word "
               f"{labelled}/{n}, with the shape or colour word {object_word}/{n}, with a word of the object's phrase "
               f"{own_phrase}/{n}; labelled with the shape word among the nouns (shape, background, style) {noun_labelled}/{n}; "
               f"the shape word scores highest "
