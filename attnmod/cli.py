@@ -336,6 +336,7 @@ def cmd_maps(args) -> int:
     from .maps import trace
     from .recipe import save_png, to_pil, write_image
     from .segment import self_segmentation
+    from .tokenizer import split_words
 
     pipe = _load(args)
     recipe = _base_recipe(args, pipe, args.prompt, args.seed)
@@ -345,8 +346,7 @@ def cmd_maps(args) -> int:
     segmentation = self_segmentation(maps, k=args.segments, words=args.label_words)  # checks k and the words first
     out = Path(args.out)
     save_png(image, out / "image.png", recipe)
-    words = list(dict.fromkeys(t.removesuffix("</w>") for t in maps.tokens[0]
-                               if not t.startswith("<|") and t.removesuffix("</w>").isalpha()))
+    words = list(dict.fromkeys(w for w, _ in split_words(maps.tokens[0]) if w.isalpha()))
     sheet = make_grid([[image] + [maps.overlay(image, w) for w in words]], ["image"] + words, [""],
                       title=f"cross-attention per word: {recipe.prompt!r}", tile_px=max(128, image.width))
     pca = maps.self_attention_pca().resize((256, 256), Image.NEAREST)

@@ -28,6 +28,7 @@ from PIL import Image
 from .attention import AttentionCall, explicit_attention, token_grid
 from .blocks import resolve_blocks
 from .steps import LoopClock
+from .tokenizer import split_words, word_positions
 
 
 @dataclass
@@ -56,10 +57,10 @@ class AttentionMaps:
         return replace(self, cross=torch.stack(chosen).sum(0))
 
     def token_index(self, word: str, image: int = 0) -> list[int]:
-        pieces = [t.removesuffix("</w>") for t in self.tokens[image]]
-        hits = [i for i, t in enumerate(pieces) if t == word.lower()]
+        """Token positions of ``word`` (all its BPE pieces, every occurrence)."""
+        hits = word_positions(self.tokens[image], word)
         if not hits:
-            words = [t for t in pieces if not t.startswith("<|")]
+            words = [w for w, _ in split_words(self.tokens[image])]
             raise ValueError(f"{word!r} is not in the prompt; its tokens are: {' '.join(words)}")
         return hits
 

@@ -21,6 +21,7 @@ from .attention import AttentionCall, explicit_attention, token_grid
 from .blocks import list_blocks
 from .generate import finite
 from .steps import LoopClock
+from .tokenizer import split_words, word_positions
 
 
 @dataclass(frozen=True)
@@ -87,26 +88,29 @@ class PromptToPrompt:
         mapping = token_mapping(tok, source, target, mode)
         self.index = torch.tensor([m if m is not None else i for i, m in enumerate(mapping)])
         self.aligned = torch.tensor([m is not None for m in mapping])
-        words = ["<start>"] + _words(tok, target) + ["<end>"] * (tok.model_max_length - 1)
-        words = words[: tok.model_max_length]
-        self.words = words
-        self.weights = torch.ones(tok.model_max_length)
+        n = tok.model_max_length
+        # the edited prompt's tokens by position (BPE pieces: a word may span several)
+        self.pieces = ([tok.bos_token] + tok.tokenize(target) + [tok.eos_token] * n)[:n]
+        source_pieces = [tok.bos_token] + tok.tokenize(source)
+
+        def target_words() -> str:
+            return " ".join(w for w, _ in split_words(self.pieces))
+
+        self.weights = torch.ones(n)
         for word, factor in options.reweight.items():
-            hits = [i for i, w in enumerate(words) if w == word]
+            hits = word_positions(self.pieces, word)
             if not hits:
-                raise ValueError(f"cannot re-weight {word!r}: not in the edited prompt "
-                                 f"(its words are: {' '.join(_words(tok, target))})")
+                raise ValueError(f"cannot re-weight {word!r}: not in the edited prompt (its words are: {target_words()})")
             self.weights[hits] = factor
         if isinstance(options.cross_replace_steps, dict):
-            for word in set(options.cross_replace_steps) - {"default_"} - set(words):
-                raise ValueError(f"cross_replace_steps names {word!r}, which is not in the edited prompt "
-                                 f"(its words are: {' '.join(_words(tok, target))})")
+            for word in options.cross_replace_steps:
+                if word != "default_" and not word_positions(self.pieces, word):
+                    raise ValueError(f"cross_replace_steps names {word!r}, which is not in the edited prompt "
+                                     f"(its words are: {target_words()})")
         self.num_steps = 0
-        src_words = ["<start>"] + _words(tok, source)
         self.blend_tokens = []  # (image 0 = source, image 1 = edit) token indices of the blend words
         for word in options.local_blend:
-            in_src = [i for i, w in enumerate(src_words) if w == word]
-            in_tgt = [i for i, w in enumerate(words) if w == word]
+            in_src, in_tgt = word_positions(source_pieces, word), word_positions(self.pieces, word)
             if not in_src and not in_tgt:
                 raise ValueError(f"local blend word {word!r} is in neither prompt")
             self.blend_tokens.append((in_src, in_tgt))
@@ -116,10 +120,11 @@ class PromptToPrompt:
         """Per target token: the fraction of steps during which its map is the source's."""
         f = self.options.cross_replace_steps
         if not isinstance(f, dict):
-            return torch.full((len(self.words),), float(f))
-        out = torch.full((len(self.words),), float(f.get("default_", 0.8)))
+            return torch.full((len(self.pieces),), float(f))
+        out = torch.full((len(self.pieces),), float(f.get("default_", 0.8)))
         for word, frac in f.items():
-            out[[i for i, w in enumerate(self.words) if w == word]] = float(frac)
+            if word != "default_":
+                out[word_positions(self.pieces, word)] = float(frac)
         return out
 
     def on_unet(self, module, args, kwargs):

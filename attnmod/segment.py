@@ -18,6 +18,7 @@ from PIL import Image, ImageDraw
 
 from .grid import _font
 from .maps import AttentionMaps
+from .tokenizer import split_words
 
 PALETTE = [(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180),
            (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128), (170, 110, 40)]
@@ -94,8 +95,7 @@ def self_segmentation(maps: AttentionMaps, k: int = 4, image: int = 0, seed: int
     cross = maps.cross[image].permute(2, 0, 1)[None].float()  # (1, T, H, W)
     cross = F.interpolate(cross, size=(h, w), mode="bilinear", align_corners=False)[0].flatten(1)  # (T, h*w)
     if words is None:
-        candidates = [([i], t.removesuffix("</w>")) for i, t in enumerate(maps.tokens[image])
-                      if not t.startswith("<|") and t.removesuffix("</w>").isalpha()]
+        candidates = [(positions, word) for word, positions in split_words(maps.tokens[image]) if word.isalpha()]
     else:
         candidates = [(maps.token_index(word, image), word) for word in dict.fromkeys(words)]
     word_maps = torch.stack([cross[i].sum(0) for i, _ in candidates]) if candidates else cross[:0]  # (W, h*w)

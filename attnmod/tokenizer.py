@@ -70,3 +70,23 @@ def build_clip_tokenizer(folder: str | Path, words=(), max_length: int = 77) -> 
         raise ValueError(f"words that do not tokenize to a single token: {sorted(broken)}")
     tok.save_pretrained(folder)
     return tok
+
+
+def split_words(tokens: list[str]) -> list[tuple[str, list[int]]]:
+    """The words of a CLIP token sequence with their positions, joining the pieces BPE split a word into
+    ("cyber", "punk</w>" -> ("cyberpunk", [i, i + 1])). Special tokens (``<|...|>``) are left out."""
+    words, start, text = [], 0, ""
+    for i, piece in enumerate(tokens):
+        if piece.startswith("<|"):
+            start, text = i + 1, ""
+            continue
+        text += piece.removesuffix("</w>")
+        if piece.endswith("</w>") or i == len(tokens) - 1:
+            words.append((text, list(range(start, i + 1))))
+            start, text = i + 1, ""
+    return words
+
+
+def word_positions(tokens: list[str], word: str) -> list[int]:
+    """Every token position of every occurrence of ``word`` (case-insensitive) in ``tokens``."""
+    return [i for w, positions in split_words(tokens) if w == word.lower() for i in positions]

@@ -55,6 +55,27 @@ def test_trace_aggregates_maps_and_restores(sd):
         maps.word_map("dog")
 
 
+def test_words_split_into_several_tokens_are_found_whole():
+    from attnmod.tokenizer import split_words, word_positions
+
+    tokens = ["<|startoftext|>", "a</w>", "cyber", "punk</w>", "cat</w>", "<|endoftext|>", "<|endoftext|>"]
+    assert split_words(tokens) == [("a", [1]), ("cyberpunk", [2, 3]), ("cat", [4])]
+    assert word_positions(tokens, "CyberPunk") == [2, 3] and word_positions(tokens, "punk") == []
+
+
+def test_word_maps_of_a_word_the_tokenizer_splits(sd):
+    prompt = "a red zebra"  # the tiny tokenizer spells "zebra" out: z e b r a</w>
+    assert sd.tokenizer.tokenize(prompt)[2:] == ["z", "e", "b", "r", "a</w>"]
+    with trace(sd, blocks="cross", self_attention=False) as tc:
+        run(sd, prompt=prompt, steps=2)
+    maps = tc.result(prompt)
+    assert maps.token_index("zebra") == [3, 4, 5, 6, 7] and maps.token_index("a") == [1]  # not zebr-"a"
+    m = maps.cross[0][..., 3:8].sum(-1)
+    assert torch.allclose(maps.word_map("zebra"), (m - m.min()) / (m.max() - m.min() + 1e-8), atol=1e-5)
+    with pytest.raises(ValueError, match="tokens are: a red zebra"):
+        maps.word_map("zeb")
+
+
 def test_kept_maps_select_steps_and_blocks(sd):
     with trace(sd, blocks="cross", steps=(1, 4)) as tc:
         run(sd, prompt="a red cat", steps=4)

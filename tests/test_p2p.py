@@ -60,6 +60,13 @@ def test_reweighting_changes_the_edit_monotonically(sd):
     assert change[1.0] == 0 and 0 < change[2.0] < change[4.0]
 
 
+def test_edit_words_split_into_several_tokens(sd):
+    p2p = PromptToPrompt(sd, "a red zebra", "a red zebra", EditOptions({"default_": 0.8, "zebra": 0.2},
+                                                                       reweight={"zebra": 2.0}), "swap")
+    assert p2p.weights[3:8].eq(2.0).all() and p2p.weights[1].item() == 1.0  # every piece of z e b r a</w>
+    assert torch.allclose(p2p.cross_limit()[3:8], torch.tensor(0.2)) and p2p.cross_limit()[1].item() == pytest.approx(0.8)
+
+
 def test_bad_edit_input(sd):
     with pytest.raises(ValueError, match="not in the edited prompt .*a red dog"):
         edit(sd, "a red cat", "a red dog", options=EditOptions(reweight={"blue": 2.0}), **KW)
