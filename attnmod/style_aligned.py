@@ -4,7 +4,15 @@ In the chosen self-attention layers every target image also attends to the refer
 values, after AdaIN of its queries and keys (optionally values) towards the reference's per-channel
 statistics over tokens. GroupNorm statistics can be shared with the reference too. The reference's
 index in the batch is explicit; with classifier-free guidance each half has its reference. The
-reference itself is never changed: it attends to itself only, so its image is what it would be alone.
+reference itself is never changed (but with ``full_attention_share``): it attends to itself only, so its image
+is what it would be alone.
+
+The defaults reproduce google/style-aligned's ``sa_handler.py`` (tested rule by rule): the same layers
+for ``only_self_level`` (its switch rule over diffusers' processor order: down, up, mid), the same
+``full_attention_share`` (each CFG half one sequence; no AdaIN, no score scale/shift). Departures, where
+the reference has no defined result: AdaIN leaves a layer with a single token unchanged (the reference's
+unbiased variance over one token is NaN), and ``only_self_level`` switches no layer where the
+reference's rule would divide by zero (fewer than one layer to switch).
 """
 
 from __future__ import annotations
@@ -21,6 +29,10 @@ from .blocks import resolve_blocks
 @dataclass(frozen=True)
 class StyleAlignedOptions:
     """The published defaults; ``blocks`` restricts sharing (our block selectors, e.g. ``U*``).
+
+    ``full_attention_share``: every image of a CFG half — the reference included, which then changes too —
+    attends to all the half's tokens, each once; AdaIN and the score scale/shift do not apply (as in the
+    reference). ``only_self_level``: that fraction of the shared layers stays unshared (``unshared_layers``).
 
     ``share_layer_norm`` is kept for parity with the reference implementation, which concatenates the
     reference's tokens before each LayerNorm; LayerNorm normalises every token on its own, so this
@@ -72,12 +84,18 @@ class StyleAlignedOptions:
 
 
 def calc_mean_std(feat: torch.Tensor, eps: float = 1e-5) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel mean and std over tokens. feat: (B, h, N, d) -> two (B, h, 1, d)."""
+    """Per-channel mean and std over tokens (unbiased variance, as the reference). feat: (B, h, N, d), N >= 2
+    -> two (B, h, 1, d)."""
     return feat.mean(dim=-2, keepdim=True), (feat.var(dim=-2, keepdim=True) + eps).sqrt()
 
 
 def adain(feat: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
-    """AdaIN: give ``feat`` the per-channel token statistics of ``ref``. Both (B, h, N, d)."""
+    """AdaIN: give ``feat`` the per-channel token statistics of ``ref``. Both (B, h, N, d).
+
+    A layer with a single token has no token statistics (the unbiased variance of one value is NaN): it is
+    returned unchanged (a departure from the reference, whose images come out NaN there)."""
+    if feat.shape[-2] < 2 or ref.shape[-2] < 2:
+        return feat
     mean, std = calc_mean_std(feat)
     ref_mean, ref_std = calc_mean_std(ref)
     return (feat - mean) / std * ref_std + ref_mean
@@ -99,6 +117,8 @@ class SharedAttention:
 
     def __call__(self, call: AttentionCall, q, k, v):
         o = self.o
+        if o.full_attention_share:  # one sequence per CFG copy, as the reference: no AdaIN, no scale/shift
+            return q, self._whole_copy(k), self._whole_copy(v), None
         batch = q.shape[0]
         ref = reference_rows(batch, self.images, o.reference).to(q.device)
         is_ref = torch.zeros(batch, dtype=torch.bool, device=q.device)
@@ -112,32 +132,44 @@ class SharedAttention:
         if not o.share_attention:
             return q, k, v, None
         n = k.shape[-2]
-        if o.full_attention_share:  # every image of the same CFG copy: (B, h, images*N, d)
-            extra_k, extra_v = (self._whole_copy(t) for t in (k, v))
-        else:
-            extra_k, extra_v = k[ref] * o.shared_score_scale, v[ref]
+        extra_k, extra_v = k[ref] * o.shared_score_scale, v[ref]
         bias = torch.zeros(batch, 1, 1, n + extra_k.shape[-2], dtype=q.dtype, device=q.device)
         bias[..., n:] = o.shared_score_shift
         bias[is_ref, ..., n:] = float("-inf")  # the reference attends to itself only
         return q, torch.cat([k, extra_k], dim=-2), torch.cat([v, extra_v], dim=-2), bias
 
-
     def _whole_copy(self, t: torch.Tensor) -> torch.Tensor:
-        """(B, h, N, d) -> (B, h, images*N, d): each row gets the tokens of every image of its copy."""
+        """(B, h, N, d) -> (B, h, images*N, d): each row gets the tokens of every image of its copy (CFG half),
+        each once: the reference's ``(k b) n d -> k (b n) d``, for any number of copies."""
         copies, (h, n, d) = t.shape[0] // self.images, t.shape[1:]
         per_copy = t.view(copies, self.images, h, n, d).permute(0, 2, 1, 3, 4).reshape(copies, h, -1, d)
         return per_copy.repeat_interleave(self.images, dim=0)
 
 
+def unshared_layers(count: int, level: float) -> list[bool]:
+    """Which of ``count`` self-attention layers (in diffusers' processor order) stay unshared at
+    ``only_self_level``: the reference's rule. n = int(level · count) layers, every (count // n)-th from the
+    first; above 0.5 the complement of that rule at 1 − level; 0: none; 1: all. Where n is 0 the reference
+    divides by zero; here no layer is switched (none unshared below 0.5, all above)."""
+    if level <= 0 or level >= 1:
+        return [level >= 1] * count
+    flip = level > 0.5
+    if flip:
+        level = 1 - level
+    n = int(level * count)
+    picked = [n > 0 and i % (count // n) == 0 for i in range(count)]
+    return [not p for p in picked] if flip else picked
+
+
 def _shared_layers(unet, options: StyleAlignedOptions) -> list[str]:
-    names = [b.name for b in resolve_blocks(unet, options.blocks) if b.kind == "self"]
-    if not names:
+    chosen = {b.name for b in resolve_blocks(unet, options.blocks) if b.kind == "self"}
+    if not chosen:
         raise ValueError(f"no self-attention blocks match {options.blocks!r}")
-    skip = round(options.only_self_level * len(names))
-    if skip:  # leave `skip` layers unshared, spread evenly
-        unshared = {names[int(i * len(names) / skip)] for i in range(skip)}
-        names = [n for n in names if n not in unshared]
-    return names
+    # diffusers' processor order (down, up, mid: the mid block registers last), which the reference counts in
+    names = [key.removesuffix(".processor") for key in unet.attn_processors]
+    names = [n for n in names if n in chosen]
+    unshared = unshared_layers(len(names), options.only_self_level)
+    return [n for n, skip in zip(names, unshared, strict=True) if not skip]
 
 
 class style_aligned:  # noqa: N801 - a context manager used like a function

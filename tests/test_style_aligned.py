@@ -3,7 +3,16 @@ import pytest
 import torch
 
 from attnmod import Schedule, modify
-from attnmod.style_aligned import StyleAlignedOptions, adain, calc_mean_std, style_aligned
+from attnmod.attention import AttentionCall
+from attnmod.blocks import short_name
+from attnmod.style_aligned import (
+    SharedAttention,
+    StyleAlignedOptions,
+    adain,
+    calc_mean_std,
+    style_aligned,
+    unshared_layers,
+)
 
 PROMPTS = ["a red cat", "a blue dog", "a green star"]
 
@@ -45,8 +54,8 @@ def test_sharing_disabled_is_bit_identical_and_restores(name, request):
 
 def test_explicit_reference_index_and_options(sd):
     stock = batch(sd)
-    for options in (StyleAlignedOptions(reference=2), StyleAlignedOptions(reference=2, full_attention_share=True,
-                                                                         adain_values=True, shared_score_shift=1.0)):
+    for options in (StyleAlignedOptions(reference=2), StyleAlignedOptions(reference=2, adain_values=True,
+                                                                         shared_score_shift=1.0)):
         with style_aligned(sd, images=3, options=options):
             out = batch(sd)
         assert np.abs(out[2] - stock[2]).max() < 1e-4 and np.abs(out[0] - stock[0]).max() > 1e-3
@@ -54,8 +63,59 @@ def test_explicit_reference_index_and_options(sd):
         style_aligned(sd, images=3, options=StyleAlignedOptions(reference=3))
     with pytest.raises(ValueError, match="no self-attention blocks"):
         style_aligned(sd, images=3, options=StyleAlignedOptions(blocks="cross"))
+
+
+def test_unshared_layers_follow_the_reference_switch_rule():
+    """google/style-aligned's _get_switch_vec: n = int(level * count), every (count // n)-th layer; above 0.5
+    the complement at 1 - level (1 - 0.8 is 0.19999..., so n = int(3.2) = 3 and the stride is 16 // 3 = 5)."""
+    def unshared(count, level):
+        return [i for i, u in enumerate(unshared_layers(count, level)) if u]
+
+    assert unshared(16, 0.5) == [0, 2, 4, 6, 8, 10, 12, 14]
+    assert unshared(16, 0.3) == [0, 4, 8, 12]  # n = int(4.8) = 4, stride 4
+    assert unshared(16, 0.8) == [i for i in range(16) if i not in (0, 5, 10, 15)]
+    assert len(unshared(70, 0.3)) == 24  # SDXL: n = 21, stride 3 -> 46 layers shared
+    assert unshared(16, 0.0) == [] and unshared(16, 1.0) == list(range(16))
+    assert unshared(16, 0.01) == [] and unshared(16, 0.99) == list(range(16))  # the reference divides by zero
+
+
+def test_only_self_level_counts_layers_in_diffusers_processor_order(sd, sdxl):
+    """The mid block registers after the up blocks, so it is the last of the 16 SD1.5 self layers."""
     half = style_aligned(sd, images=3, options=StyleAlignedOptions(only_self_level=0.5))
-    assert len(half.layers) == 8  # half of the 16 self-attention layers stay unshared
+    shared = [short_name(n) for n in half.layers]
+    assert shared == ["D0A1A1", "D1A1A1", "D2A1A1", "U1A1A1", "U2A0A1", "U2A2A1", "U3A1A1", "M0A0A1"]
+    # tiny SDXL: 28 self layers; n = int(0.3 * 28) = 8, stride 28 // 8 = 3: layers 0, 3, ..., 27 (10) unshared
+    assert sum(1 for k in sdxl.unet.attn_processors if ".attn1." in k) == 28
+    assert len(style_aligned(sdxl, images=3, options=StyleAlignedOptions(only_self_level=0.3)).layers) == 18
+
+
+def test_full_attention_share_is_one_sequence_per_cfg_half_without_adain():
+    """The reference's '(k b) n d -> k (b n) d': every image, the reference too, sees all tokens of its half once."""
+    hook = SharedAttention(StyleAlignedOptions(full_attention_share=True, shared_score_scale=3.0,
+                                               shared_score_shift=2.0), images=2)
+    q, k, v = torch.randn(4, 2, 5, 8), torch.randn(4, 2, 5, 8), torch.randn(4, 2, 5, 8)  # (uncond 0, 1, cond 0, 1)
+    q2, k2, v2, bias = hook(AttentionCall("x", False, 2, (4, 5, 16)), q, k, v)
+    assert torch.equal(q2, q) and bias is None  # no AdaIN, no score scale or shift
+    for row, half in ((0, (0, 1)), (1, (0, 1)), (2, (2, 3)), (3, (2, 3))):
+        assert torch.equal(k2[row], torch.cat([k[half[0]], k[half[1]]], dim=-2))
+        assert torch.equal(v2[row], torch.cat([v[half[0]], v[half[1]]], dim=-2))
+
+
+def test_full_attention_share_changes_the_reference_too(sd):
+    stock = batch(sd)
+    with style_aligned(sd, images=3, options=StyleAlignedOptions(full_attention_share=True)):
+        out = batch(sd)
+    assert np.abs(out - stock).max(axis=(1, 2, 3)).min() > 1e-3
+    assert np.array_equal(batch(sd), stock)
+
+
+def test_adain_over_a_single_token_is_the_identity_and_images_stay_finite(sd):
+    x, ref = torch.randn(2, 2, 1, 4), torch.randn(2, 2, 1, 4)
+    assert torch.equal(adain(x, ref), x)  # the unbiased variance of one token would be NaN
+    with style_aligned(sd, images=2), torch.inference_mode():  # 16 px: the mid block sees a 1x1 latent
+        out = sd(["a red cat", "a blue dog"], num_inference_steps=2, height=16, width=16, output_type="np",
+                 generator=[torch.Generator().manual_seed(0) for _ in range(2)]).images
+    assert np.isfinite(out).all()
 
 
 def test_works_together_with_attnmod(sd):
