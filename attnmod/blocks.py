@@ -121,3 +121,25 @@ def unknown_block_message(blocks: list[Block], sel: str) -> str:
         f"unknown attention block {sel!r} (this model has {len(blocks)}); closest: {hint}. "
         "Use `attnmod blocks` to list them, or a group (all, self, cross) or glob (U*A2)."
     )
+
+
+def downsampling(model) -> dict[str, int]:
+    """Each attention block's downsampling factor against the latent (1: the latent's own resolution), read
+    from a UNet's down/up samplers (mid: the deepest). Empty for models without UNet blocks."""
+    unet = getattr(model, "unet", model)
+    factors: dict[str, int] = {}
+    f = 1
+    for part in ("down_blocks", "mid_block", "up_blocks"):
+        blocks = getattr(unet, part, None)
+        if blocks is None:
+            continue
+        for i, block in enumerate([blocks] if part == "mid_block" else blocks):
+            head = part if part == "mid_block" else f"{part}.{i}"
+            for name, _ in block.named_modules():
+                if name.endswith((".attn1", ".attn2")) and ".transformer_blocks." in name:
+                    factors[f"{head}.{name}"] = f
+            if getattr(block, "downsamplers", None):
+                f *= 2
+            if getattr(block, "upsamplers", None):
+                f //= 2
+    return factors

@@ -116,6 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="scale a word's cross-attention in the edit (repeatable)")
     p.add_argument("--blend", action="append", default=[], metavar="WORD",
                    help="local blend: only where these words attend may the image change (repeatable)")
+    p.add_argument("--option", action="append", default=[], metavar="NAME=VALUE",
+                   help="an EditOptions field, e.g. blend_downsample=1 or reweight_every_step=true (repeatable; "
+                        "default: the reference code's behaviour)")
     p.add_argument("--recipe", help="remake the edit of a source.png / edit.png written by attnmod edit")
     p.add_argument("--out", required=True, help="output folder")
 
@@ -376,6 +379,7 @@ def cmd_edit(args) -> int:
     from dataclasses import replace as dc_replace
 
     from .grid import side_by_side
+    from .options import with_settings
     from .p2p import EditOptions, edit
     from .recipe import save_png, to_pil, write_image
 
@@ -395,8 +399,8 @@ def cmd_edit(args) -> int:
             if not sep:
                 raise ValueError(f"--reweight expects WORD=FACTOR, got {item!r}")
             reweight[word] = float(factor)
-        options = EditOptions(_cross_replace(args.cross_replace), args.self_replace, reweight,
-                              local_blend=tuple(args.blend))
+        options = with_settings(EditOptions(_cross_replace(args.cross_replace), args.self_replace, reweight,
+                                            local_blend=tuple(args.blend)), args.option)
     pipe = _load(args)
     _check_prompts(args.model, [args.to])
     recipe = _base_recipe(args, pipe, args.prompt, args.seed)

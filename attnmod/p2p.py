@@ -1,13 +1,22 @@
 """Prompt-to-Prompt (Hertz et al. 2022): edit an image by editing its prompt, keeping its layout.
 
-Source and edited prompt are generated together in one batch from the same noise. In the edited
-image's attention, for the first ``cross_replace_steps`` fraction of steps the cross-attention maps
-are the source's (word swap: all tokens; refinement: tokens aligned with the source, added words keep
-their own), and for the first ``self_replace_steps`` fraction the self-attention maps are the source's
-(at up to ``self_max_patches`` patches, as in the reference). Re-weighting scales chosen words'
-cross-attention in the edited image. A local blend keeps the source's latents outside the region where
-the blend words attend (their normalised maps above ``blend_threshold``), after every step. Per-word overrides of ``cross_replace_steps`` use the field's
-``{"default_": 0.8, "cat": 0.4}`` form. Only the conditional half of the CFG batch is edited.
+Source and edited prompt are generated together in one batch from the same noise; only the conditional
+half of the CFG batch is edited. The defaults reproduce google/prompt-to-prompt's controllers, each rule
+pinned by a test:
+
+* cross-attention: the edit uses the source's maps (word swap: every token; refinement: the aligned ones,
+  added words keep theirs) for the first ``int(f · (T + 1))`` of T steps — the reference's alpha table has
+  T + 1 rows; per-word fractions use the field's ``{"default_": 0.8, "cat": 0.4}`` form;
+* self-attention: the source's maps for the first ``int(f · T)`` steps, in layers of at most 16×16 = 256
+  query patches (``self_max_patches``);
+* re-weighting (the equalizer) scales the replaced maps, so it acts only inside a word's cross-replace window;
+* local blend: after every step, the edit's latents keep the source's outside a mask built from the blend
+  words' cross-attention in the layers at 1/4 of the latent side, accumulated over the steps so far (the edit's
+  maps as replaced), averaged over heads and layers, 3×3 max-pooled, upsampled (nearest), normalised per image,
+  thresholded, and joined over the source and the edit.
+
+Named departures: ``reweight_every_step=True`` re-weights the edit's own maps at every step (attnmod's earlier
+rule); ``blend_downsample`` picks another blend resolution (e.g. 1 on the embedded model).
 """
 
 from __future__ import annotations
@@ -16,9 +25,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from .attention import AttentionCall, explicit_attention, token_grid
-from .blocks import list_blocks
+from .blocks import downsampling, list_blocks
 from .generate import finite
 from .steps import LoopClock
 from .tokenizer import split_words, word_positions
@@ -29,9 +39,11 @@ class EditOptions:
     cross_replace_steps: float | dict[str, float] = 0.8
     self_replace_steps: float = 0.4
     reweight: dict[str, float] = field(default_factory=dict)  # word -> factor for its cross-attention
-    self_max_patches: int = 32 * 32
+    self_max_patches: int = 16 * 16  # self maps are replaced only in layers with at most this many query patches
     local_blend: tuple[str, ...] = ()  # words whose region may change; elsewhere the source is kept
     blend_threshold: float = 0.3  # of the blend words' normalised attention
+    blend_downsample: int = 4  # the blend reads the cross layers at 1/4 of the latent side (16×16 at 512 px)
+    reweight_every_step: bool = False  # departure: re-weight the edit's own maps at every step, not in the window
 
     def __post_init__(self):
         fractions = self.cross_replace_steps.values() if isinstance(self.cross_replace_steps, dict) else [
@@ -39,6 +51,32 @@ class EditOptions:
         for f in [*fractions, self.self_replace_steps]:
             if not 0 <= f <= 1:
                 raise ValueError(f"replace steps are fractions in [0, 1], got {f}")
+        if self.blend_downsample < 1:
+            raise ValueError(f"blend_downsample is a factor >= 1, got {self.blend_downsample}")
+        if self.self_max_patches < 0:
+            raise ValueError(f"self_max_patches must be >= 0, got {self.self_max_patches}")
+
+
+def cross_replace_count(fraction: float, steps: int) -> int:
+    """Steps (from the first) whose cross maps are the source's: the reference's ``int(f · (T + 1))``."""
+    return int(fraction * (steps + 1))
+
+
+def self_replace_count(fraction: float, steps: int) -> int:
+    """Steps (from the first) whose self maps are the source's: the reference's ``int(f · T)``."""
+    return int(fraction * steps)
+
+
+def blend_mask(maps: torch.Tensor, latent_hw: tuple[int, int], threshold: float) -> torch.Tensor:
+    """The local blend's mask. maps: (2, h, w) blend-word attention of [source, edit] -> (H, W) in {0, 1}.
+
+    3×3 max pool, nearest upsampling to the latent, each image normalised by its maximum, thresholded,
+    and the union of the two (the reference's ``LocalBlend``)."""
+    m = F.max_pool2d(maps[:, None].float(), 3, stride=1, padding=1)  # (2, 1, h, w)
+    m = F.interpolate(m, size=latent_hw)  # nearest
+    peak = m.amax(dim=(2, 3), keepdim=True)
+    m = m / torch.where(peak > 0, peak, torch.ones_like(peak))  # a map of zeros (no blend word) stays empty
+    return (m[:, 0] > threshold).any(0)
 
 
 def _words(tokenizer, prompt: str) -> list[str]:
@@ -49,7 +87,8 @@ def token_mapping(tokenizer, source: str, target: str, mode: str) -> list[int | 
     """For each token position of ``target`` (with start token at 0), the source position it copies, or None.
 
     ``swap`` requires equal token counts (position i <- i); ``refine`` aligns the longest common
-    subsequence of words, so added words map to None.
+    subsequence of words, so added words map to None; the end tokens align, and every position after the
+    edited prompt's end token copies the same position of the source (as the reference's mapper).
     """
     src, tgt = _words(tokenizer, source), _words(tokenizer, target)
     n = tokenizer.model_max_length
@@ -73,8 +112,9 @@ def token_mapping(tokenizer, source: str, target: str, mode: str) -> list[int | 
             i += 1
         else:
             j += 1
-    tail = list(range(len(src) + 1, n))  # end and padding tokens align in order
-    return (mapping + tail + [None] * n)[:n]
+    end = [len(src) + 1]  # the end tokens align
+    tail = list(range(len(tgt) + 2, n))  # after it: position k copies the source's position k
+    return (mapping + end + tail)[:n]
 
 
 class PromptToPrompt:
@@ -107,14 +147,25 @@ class PromptToPrompt:
                 if word != "default_" and not word_positions(self.pieces, word):
                     raise ValueError(f"cross_replace_steps names {word!r}, which is not in the edited prompt "
                                      f"(its words are: {target_words()})")
-        self.num_steps = 0
-        self.blend_tokens = []  # (image 0 = source, image 1 = edit) token indices of the blend words
+        self.num_steps = self.self_steps = 0
+        self.cross_steps = torch.zeros(n, dtype=torch.long)
+        self.blend_tokens = torch.zeros(2, n)  # (source, edit) x token: 1 for the blend words' tokens
         for word in options.local_blend:
             in_src, in_tgt = word_positions(source_pieces, word), word_positions(self.pieces, word)
             if not in_src and not in_tgt:
                 raise ValueError(f"local blend word {word!r} is in neither prompt")
-            self.blend_tokens.append((in_src, in_tgt))
-        self.blend_map = None  # (2, H, W) this step's attention to the blend words
+            self.blend_tokens[0, in_src], self.blend_tokens[1, in_tgt] = 1.0, 1.0
+        self.blend_layers: set[str] = set()
+        if options.local_blend:
+            factors = downsampling(pipe.unet)
+            cross = {b.name for b in list_blocks(pipe.unet) if b.kind == "cross"}
+            self.blend_layers = {name for name in cross if factors.get(name) == options.blend_downsample}
+            if not self.blend_layers:
+                have = ", ".join(f"1/{f}" for f in sorted({factors[c] for c in cross if c in factors}))
+                raise ValueError(f"local blend reads the cross-attention layers at 1/{options.blend_downsample} of "
+                                 f"the latent side (blend_downsample) and this model has none; its cross layers "
+                                 f"are at {have or 'unknown resolutions'}")
+        self.blend_maps = None  # (2, h, w): the blend words' attention, summed over layers, heads and steps so far
 
     def cross_limit(self) -> torch.Tensor:
         """Per target token: the fraction of steps during which its map is the source's."""
@@ -127,18 +178,25 @@ class PromptToPrompt:
                 out[word_positions(self.pieces, word)] = float(frac)
         return out
 
+    def start(self, steps: int) -> None:
+        """A new sampling loop of ``steps`` steps: compile the per-token replace windows, clear the blend maps."""
+        self.num_steps = steps
+        self.cross_steps = torch.tensor([cross_replace_count(f, steps) for f in self.cross_limit().tolist()])
+        self.self_steps = self_replace_count(self.options.self_replace_steps, steps)
+        self.blend_maps = None
+
     def on_unet(self, module, args, kwargs):
         sample = args[0] if args else kwargs["sample"]
         self.latent_hw = tuple(sample.shape[-2:])
         if self.clock.tick():
-            timesteps = self.pipe.scheduler.timesteps
-            self.num_steps = len(timesteps)
-            self.cross_steps = (self.cross_limit() * self.num_steps).long()  # (T,)
+            self.start(len(self.pipe.scheduler.timesteps))
+
+    def _replaces_self(self, call: AttentionCall) -> bool:
+        return self.clock.step < self.self_steps and call.query_shape[1] <= self.options.self_max_patches
 
     def wants(self, call: AttentionCall) -> bool:
         """Cross-attention always; self-attention only while it is replaced (else the fused kernel runs)."""
-        return call.is_cross or (self.clock.step < self.options.self_replace_steps * self.num_steps
-                                 and call.query_shape[1] <= self.options.self_max_patches)
+        return call.is_cross or self._replaces_self(call)
 
     def __call__(self, call: AttentionCall, probs: torch.Tensor) -> torch.Tensor | None:
         cfg = getattr(self.pipe, "do_classifier_free_guidance", False)
@@ -146,16 +204,12 @@ class PromptToPrompt:
         cond = probs[half:]  # (2, h, Nq, Nk): source, edit
         if cond.shape[0] != 2:
             raise ValueError("Prompt-to-Prompt runs source and edit as one batch of two images")
-        step = self.clock.step
         src, edit = cond[0], cond[1]
-        if call.is_cross and self.blend_tokens:
-            self._collect_blend(cond)
         if call.is_cross:
-            replace = (step < self.cross_steps).to(probs.dtype)  # (T,) 1 where the source map is used
-            replace = replace * self.aligned.to(probs.dtype)
-            new = src[..., self.index] * replace + edit * (1 - replace)
-            new = new * self.weights.to(probs.dtype)
-        elif step < self.options.self_replace_steps * self.num_steps and probs.shape[-1] <= self.options.self_max_patches:
+            new = self._edit_cross(src, edit)
+            if call.name in self.blend_layers:
+                self._collect_blend(src, new)
+        elif self._replaces_self(call):
             new = src
         else:
             return None
@@ -163,28 +217,32 @@ class PromptToPrompt:
         out[half + 1] = new
         return out
 
+    def _edit_cross(self, src: torch.Tensor, edit: torch.Tensor) -> torch.Tensor:
+        """The edit's cross maps (h, Nq, tokens) at this step."""
+        dtype = src.dtype
+        in_window = (self.clock.step < self.cross_steps).to(dtype)  # (tokens,) 1: the source's map this step
+        aligned = self.aligned.to(dtype)
+        replaced = src[..., self.index] * aligned + edit * (1 - aligned)  # the reference's replace_cross_attention
+        weights = self.weights.to(dtype)
+        if self.options.reweight_every_step:
+            return (replaced * in_window + edit * (1 - in_window)) * weights
+        return replaced * weights * in_window + edit * (1 - in_window)
 
-    def _collect_blend(self, cond: torch.Tensor) -> None:
-        """Add this layer's attention to the blend words, per image, at the latent resolution."""
-        h, w = self.latent_hw
-        n = cond.shape[2]
-        grid = token_grid(self.latent_hw, n)
-        maps = []
-        for image in (0, 1):
-            cols = [i for src, tgt in self.blend_tokens for i in (src if image == 0 else tgt)]
-            m = cond[image][..., cols].sum(-1).sum(0).float() if cols else cond.new_zeros(n).float()  # (Nq,)
-            maps.append(m.view(1, 1, *grid))
-        m = torch.nn.functional.interpolate(torch.cat(maps), size=(h, w), mode="bilinear", align_corners=False)
-        self.blend_map = m[:, 0] if self.blend_map is None else self.blend_map + m[:, 0]
+    def _collect_blend(self, src: torch.Tensor, edit: torch.Tensor) -> None:
+        """Add this layer's attention to the blend words (h, Nq, tokens per image), summed over heads; the
+        edit's maps are taken as replaced. (The reference averages over heads and layers: the same mask.)"""
+        maps = torch.stack([(m.float() * self.blend_tokens[i].to(m.device)).sum(-1).sum(0)
+                            for i, m in enumerate((src, edit))])  # (2, Nq)
+        maps = maps.view(2, *token_grid(self.latent_hw, maps.shape[1])).cpu()
+        self.blend_maps = maps if self.blend_maps is None else self.blend_maps + maps
 
     def blend_latents(self, pipe, step, timestep, kwargs):
         """``callback_on_step_end``: keep the source's latents outside the blend words' region."""
         latents = kwargs["latents"]
-        if self.blend_map is not None:
-            m = self.blend_map.max(0).values
-            mask = (m / (m.max() + 1e-8) > self.options.blend_threshold).to(latents.dtype)  # (H, W)
+        if self.blend_maps is not None:
+            mask = blend_mask(self.blend_maps, tuple(latents.shape[-2:]), self.options.blend_threshold)
+            mask = mask.to(latents.device, latents.dtype)
             latents[1] = latents[0] + mask * (latents[1] - latents[0])
-            self.blend_map = None
         return {"latents": latents}
 
 

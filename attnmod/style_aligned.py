@@ -17,13 +17,14 @@ reference's rule would divide by zero (fewer than one layer to switch).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from .attention import AttentionCall, explicit_attention
 from .blocks import resolve_blocks
+from .options import with_settings
 
 
 @dataclass(frozen=True)
@@ -61,26 +62,7 @@ class StyleAlignedOptions:
 
     def with_settings(self, pairs: list[str]) -> StyleAlignedOptions:
         """A copy with ``"name=value"`` settings applied (the CLI's ``--option``), e.g. ``adain_values=true``."""
-        types = {f.name: f.type for f in fields(self)}
-        changes = {}
-        for pair in pairs:
-            name, sep, value = pair.partition("=")
-            name = name.strip().replace("-", "_")
-            if not sep or name not in types:
-                raise ValueError(f"bad option {pair!r}: use NAME=VALUE with NAME one of {', '.join(types)}")
-            kind, value = types[name], value.strip()
-            if kind == "bool":
-                if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
-                    raise ValueError(f"option {name} takes true or false, got {value!r}")
-                changes[name] = value.lower() in ("true", "1", "yes")
-            elif kind in ("int", "float"):
-                try:
-                    changes[name] = int(value) if kind == "int" else float(value)
-                except ValueError:
-                    raise ValueError(f"option {name} takes a number, got {value!r}") from None
-            else:
-                changes[name] = value
-        return StyleAlignedOptions(**{**self.__dict__, **changes})
+        return with_settings(self, pairs)
 
 
 def calc_mean_std(feat: torch.Tensor, eps: float = 1e-5) -> tuple[torch.Tensor, torch.Tensor]:

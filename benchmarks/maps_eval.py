@@ -15,8 +15,10 @@ nearest palette colour is the prompted object colour (the toy model's palette is
    with the shape word when only the prompt's nouns are candidate labels (words=[shape, background, style])?
    is it the shape word's highest-scoring segment?
 3. word swap circle -> square: mean pixel change outside the object (source vs edit, and source vs a
-   plain generation of the edited prompt), and the shape of the edited object.
-4. re-weighting the colour word (x0, 0.5, 1, 2, 4; 4 colours x seeds, each with another shape): the amount of that colour in the image (each
+   plain generation of the edited prompt), and the shape of the edited object; plain, with the reference's
+   local blend (cross layers at 1/4 of the latent), and with the blend at the latent's resolution.
+4. re-weighting the colour word (x0, 0.5, 1, 2, 4; 4 colours x seeds, each with another shape), the
+   reference's rule (inside the 0.8 cross-replace window) and the every-step departure: the amount of that colour in the image (each
    pixel projected from the white background onto the colour, 1 = the palette colour, averaged over
    the image; it grows with the object's area and with its saturation) and the share of pixels in it.
 """
@@ -153,52 +155,67 @@ def main(argv=None) -> int:
             with open(args.json, "w") as fh:
                 json.dump(results, fh, indent=1)
         return 0
-    outside, plain_outside, swapped = [], [], 0
-    for seed in range(args.seeds):
-        for color in colors[:4]:
-            src, dst = prompt("circle", color, "left", "yellow" if color != "yellow" else "blue"), None
-            dst = src.replace("circle", "square")
-            r = edit(pipe, src, dst, seed=seed, steps=steps, guidance=guidance, width=64, height=64)
-            plain = generate(pipe, Recipe(dst, seed=seed, steps=steps, guidance=guidance, width=64, height=64))
-            region = object_mask(r.source, color) | object_mask(r.edited, color) | object_mask(plain, color)
-            outside.append(float(np.abs(r.edited - r.source)[~region].mean()))
-            plain_outside.append(float(np.abs(plain - r.source)[~region].mean()))
-            edited_object = object_mask(r.edited, color)
-            swapped += int(edited_object.any() and classify_shape(edited_object) == "square")
-    k = len(outside)
-    results["swap_outside_change"] = float(np.mean(outside))
-    results["plain_outside_change"] = float(np.mean(plain_outside))
-    results["swap_shape_changed"] = swapped / k
-    print(f"3. word swap circle->square: mean |pixel change| outside the object {np.mean(outside):.3f} "
-          f"(plain generation of the edited prompt: {np.mean(plain_outside):.3f}); edited shape is a square {swapped}/{k}")
+    # the reference's defaults; its local blend (cross layers at 1/4 of the latent: 4x4 here); the blend at the
+    # latent's resolution (16x16, where this model's maps localise)
+    swaps = {"plain swap": EditOptions(),
+             "blend (reference: 1/4 latent)": EditOptions(local_blend=("circle", "square")),
+             "blend, blend_downsample=1": EditOptions(local_blend=("circle", "square"), blend_downsample=1)}
+    results["swap"] = {}
+    for name, options in swaps.items():
+        outside, plain_outside, swapped = [], [], 0
+        for seed in range(args.seeds):
+            for color in colors[:4]:
+                src = prompt("circle", color, "left", "yellow" if color != "yellow" else "blue")
+                dst = src.replace("circle", "square")
+                r = edit(pipe, src, dst, seed=seed, steps=steps, guidance=guidance, width=64, height=64,
+                         options=options)
+                plain = generate(pipe, Recipe(dst, seed=seed, steps=steps, guidance=guidance, width=64, height=64))
+                region = object_mask(r.source, color) | object_mask(r.edited, color) | object_mask(plain, color)
+                outside.append(float(np.abs(r.edited - r.source)[~region].mean()))
+                plain_outside.append(float(np.abs(plain - r.source)[~region].mean()))
+                edited_object = object_mask(r.edited, color)
+                swapped += int(edited_object.any() and classify_shape(edited_object) == "square")
+        k = len(outside)
+        results["swap"][name] = {"outside_change": float(np.mean(outside)), "shape_changed": swapped / k,
+                                 "plain_outside_change": float(np.mean(plain_outside))}
+        print(f"3. word swap circle->square, {name}: mean |pixel change| outside the object {np.mean(outside):.4f} "
+              f"(plain generation of the edited prompt: {np.mean(plain_outside):.4f}); edited shape is a square "
+              f"{swapped}/{k}")
 
     factors = (0.0, 0.5, 1.0, 2.0, 4.0)
-    strength, share = {f: [] for f in factors}, {f: [] for f in factors}
-    rows = []
-    for seed in range(args.seeds):
-        for k, color in enumerate(colors[:4]):
-            text = prompt(dataset.SHAPES[(k + seed) % len(dataset.SHAPES)], color, "center")
-            row = []
-            for f in factors:
-                r = edit(pipe, text, text, seed=seed, steps=steps, guidance=guidance, width=64, height=64,
-                         options=EditOptions(0.0, 0.0, reweight={color: f}))
-                row.append(r.edited)
-                labels = label_pixels((r.edited * 255).round().astype(np.uint8))
-                share[f].append(float((labels == _NAMES.index(color)).mean()))
-                strength[f].append(colour_amount(r.edited, color))
-            rows.append(np.concatenate(row, 1))
-    amounts = np.array([strength[f] for f in factors])  # (factors, images)
-    monotonic = int((np.diff(amounts, axis=0) > 0).all(0).sum())
-    results["reweight_colour_amount"] = {f: float(np.mean(v)) for f, v in strength.items()}
-    results["reweight_colour_share"] = {f: float(np.mean(v)) for f, v in share.items()}
-    results["reweight_monotonic_images"] = monotonic / amounts.shape[1]
-    print("4. colour-word re-weighting, amount of the colour: "
-          + ", ".join(f"x{f:g}: {np.mean(v):.4f}" for f, v in strength.items())
-          + f"; rising at every step in {monotonic}/{amounts.shape[1]} images; share of pixels in the colour: "
-          + ", ".join(f"x{f:g}: {np.mean(v):.4f}" for f, v in share.items()))
-    if args.reweight_figure:
-        grid = (np.concatenate(rows, 0) * 255).round().clip(0, 255).astype(np.uint8)
-        Image.fromarray(grid).resize((grid.shape[1] * 2, grid.shape[0] * 2), Image.NEAREST).save(args.reweight_figure)
+    # the reference: re-weighting inside the cross-replace window (defaults 0.8 / 0.4, source = edited prompt);
+    # attnmod's departure: the edit's own maps re-weighted at every step, nothing replaced
+    variants = {"reference": lambda color, f: EditOptions(reweight={color: f}),
+                "every step": lambda color, f: EditOptions(0.0, 0.0, reweight={color: f}, reweight_every_step=True)}
+    results["reweight"] = {}
+    for name, make in variants.items():
+        strength, share = {f: [] for f in factors}, {f: [] for f in factors}
+        rows = []
+        for seed in range(args.seeds):
+            for k, color in enumerate(colors[:4]):
+                text = prompt(dataset.SHAPES[(k + seed) % len(dataset.SHAPES)], color, "center")
+                row = []
+                for f in factors:
+                    r = edit(pipe, text, text, seed=seed, steps=steps, guidance=guidance, width=64, height=64,
+                             options=make(color, f))
+                    row.append(r.edited)
+                    labels = label_pixels((r.edited * 255).round().astype(np.uint8))
+                    share[f].append(float((labels == _NAMES.index(color)).mean()))
+                    strength[f].append(colour_amount(r.edited, color))
+                rows.append(np.concatenate(row, 1))
+        amounts = np.array([strength[f] for f in factors])  # (factors, images)
+        monotonic = int((np.diff(amounts, axis=0) > 0).all(0).sum())
+        results["reweight"][name] = {"colour_amount": {f: float(np.mean(v)) for f, v in strength.items()},
+                                     "colour_share": {f: float(np.mean(v)) for f, v in share.items()},
+                                     "monotonic_images": monotonic / amounts.shape[1]}
+        print(f"4. colour-word re-weighting ({name}), amount of the colour: "
+              + ", ".join(f"x{f:g}: {np.mean(v):.4f}" for f, v in strength.items())
+              + f"; rising at every step in {monotonic}/{amounts.shape[1]} images; share of pixels in the colour: "
+              + ", ".join(f"x{f:g}: {np.mean(v):.4f}" for f, v in share.items()))
+        if args.reweight_figure and name == "reference":
+            grid = (np.concatenate(rows, 0) * 255).round().clip(0, 255).astype(np.uint8)
+            Image.fromarray(grid).resize((grid.shape[1] * 2, grid.shape[0] * 2), Image.NEAREST).save(
+                args.reweight_figure)
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(results, fh, indent=1)

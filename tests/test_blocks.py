@@ -70,3 +70,18 @@ def test_unknown_names_list_the_closest(sd, sdxl):
         resolve_blocks(sdxl, "U0A1A2")
     with pytest.raises(ValueError):
         full_name("Q1A1A2")
+
+
+def test_downsampling_factors_per_block(sd, sdxl):
+    from attnmod.blocks import downsampling
+
+    sd15 = {short_name(n): f for n, f in downsampling(sd.unet).items()}
+    assert len(sd15) == 32 and sd15["D0A0A1"] == 1 and sd15["D1A1A2"] == 2 and sd15["D2A0A2"] == 4
+    assert sd15["M0A0A1"] == 8 and sd15["U1A2A2"] == 4 and sd15["U2A0A1"] == 2 and sd15["U3A2A2"] == 1
+    xl = downsampling(sdxl.unet)
+    assert set(xl) == {b.name for b in list_blocks(sdxl)}
+    assert xl["down_blocks.1.attentions.0.transformer_blocks.1.attn2"] == 2
+    assert xl["mid_block.attentions.0.transformer_blocks.2.attn1"] == 4
+    assert xl["up_blocks.0.attentions.2.transformer_blocks.2.attn1"] == 4
+    assert xl["up_blocks.1.attentions.0.transformer_blocks.0.attn1"] == 2
+    assert downsampling(torch.nn.Linear(2, 2)) == {}
