@@ -166,6 +166,7 @@ class PromptToPrompt:
                                  f"the latent side (blend_downsample) and this model has none; its cross layers "
                                  f"are at {have or 'unknown resolutions'}")
         self.blend_maps = None  # (2, h, w): the blend words' attention, summed over layers, heads and steps so far
+        self.blend_share: list[float] = []  # per step: the share of the latent the blend let change
 
     def cross_limit(self) -> torch.Tensor:
         """Per target token: the fraction of steps during which its map is the source's."""
@@ -183,7 +184,7 @@ class PromptToPrompt:
         self.num_steps = steps
         self.cross_steps = torch.tensor([cross_replace_count(f, steps) for f in self.cross_limit().tolist()])
         self.self_steps = self_replace_count(self.options.self_replace_steps, steps)
-        self.blend_maps = None
+        self.blend_maps, self.blend_share = None, []
 
     def on_unet(self, module, args, kwargs):
         sample = args[0] if args else kwargs["sample"]
@@ -241,6 +242,7 @@ class PromptToPrompt:
         latents = kwargs["latents"]
         if self.blend_maps is not None:
             mask = blend_mask(self.blend_maps, tuple(latents.shape[-2:]), self.options.blend_threshold)
+            self.blend_share.append(float(mask.float().mean()))
             mask = mask.to(latents.device, latents.dtype)
             latents[1] = latents[0] + mask * (latents[1] - latents[0])
         return {"latents": latents}
@@ -250,6 +252,7 @@ class PromptToPrompt:
 class EditResult:
     source: np.ndarray  # (H, W, 3)
     edited: np.ndarray
+    blend_share: tuple[float, ...] = ()  # with a local blend: per step, the share of the latent allowed to change
 
 
 def edit(pipe, source: str, target: str, *, seed: int = 0, steps: int = 20, guidance: float = 7.5,
@@ -272,4 +275,4 @@ def edit(pipe, source: str, target: str, *, seed: int = 0, steps: int = 20, guid
     images = np.asarray(out.images, dtype=np.float32)
     if not finite(images).all():
         raise ValueError("the edit came out non-finite (NaN/inf)")
-    return EditResult(images[0], images[1])
+    return EditResult(images[0], images[1], tuple(p2p.blend_share))

@@ -1,6 +1,7 @@
 """Attention maps, self-segmentation and Prompt-to-Prompt measured on the embedded toy model.
 
-    python benchmarks/maps_eval.py [--seeds 2] [--steps N] [--guidance G] [--maps-only] [--json FILE]
+    python benchmarks/maps_eval.py [--seeds 2] [--steps N] [--guidance G] [--maps-only | --edits-only]
+                                   [--json FILE]
                                    [--reweight-figure PNG]
 
 Ground truth comes from the generated images themselves: the object is the set of pixels whose
@@ -80,6 +81,7 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int)
     ap.add_argument("--guidance", type=float)
     ap.add_argument("--maps-only", action="store_true", help="only parts 1-2 (no Prompt-to-Prompt edits)")
+    ap.add_argument("--edits-only", action="store_true", help="only parts 3-4 (the Prompt-to-Prompt edits)")
     ap.add_argument("--json")
     ap.add_argument("--reweight-figure", help="write part 4's edits as a grid (rows: prompts, columns: factors)")
     ap.add_argument("--model", default="toy", help="the embedded model, or a folder exported by train-toy")
@@ -90,7 +92,7 @@ def main(argv=None) -> int:
     colors = [c for c in dataset.COLORS if c != "white"]
     results = {"steps": steps, "guidance": guidance}
 
-    for selector in SELECTORS:
+    for selector in () if args.edits_only else SELECTORS:
         hits, color_hits, ious, labelled, object_word, own_phrase, shape_best, n = 0, 0, [], 0, 0, 0, 0, 0
         noun_labelled, taken, scene_ious, drawn_vs_generated = 0, [], [], []  # per image: share of the object patches' attention that goes to (shape word, colour word)
         for seed in range(args.seeds):
@@ -162,7 +164,7 @@ def main(argv=None) -> int:
              "blend, blend_downsample=1": EditOptions(local_blend=("circle", "square"), blend_downsample=1)}
     results["swap"] = {}
     for name, options in swaps.items():
-        outside, plain_outside, swapped = [], [], 0
+        outside, plain_outside, swapped, shares = [], [], 0, []
         for seed in range(args.seeds):
             for color in colors[:4]:
                 src = prompt("circle", color, "left", "yellow" if color != "yellow" else "blue")
@@ -172,15 +174,20 @@ def main(argv=None) -> int:
                 plain = generate(pipe, Recipe(dst, seed=seed, steps=steps, guidance=guidance, width=64, height=64))
                 region = object_mask(r.source, color) | object_mask(r.edited, color) | object_mask(plain, color)
                 outside.append(float(np.abs(r.edited - r.source)[~region].mean()))
+                shares.extend(r.blend_share)
                 plain_outside.append(float(np.abs(plain - r.source)[~region].mean()))
                 edited_object = object_mask(r.edited, color)
                 swapped += int(edited_object.any() and classify_shape(edited_object) == "square")
         k = len(outside)
         results["swap"][name] = {"outside_change": float(np.mean(outside)), "shape_changed": swapped / k,
-                                 "plain_outside_change": float(np.mean(plain_outside))}
+                                 "plain_outside_change": float(np.mean(plain_outside)),
+                                 "blend_share": [float(np.min(shares)), float(np.mean(shares)),
+                                                 float(np.max(shares))] if shares else None}
+        blend = (f"; the blend let {np.min(shares):.2f}-{np.max(shares):.2f} (mean {np.mean(shares):.2f}) of the "
+                 f"latent change per step" if shares else "")
         print(f"3. word swap circle->square, {name}: mean |pixel change| outside the object {np.mean(outside):.4f} "
               f"(plain generation of the edited prompt: {np.mean(plain_outside):.4f}); edited shape is a square "
-              f"{swapped}/{k}")
+              f"{swapped}/{k}{blend}")
 
     factors = (0.0, 0.5, 1.0, 2.0, 4.0)
     # the reference: re-weighting inside the cross-replace window (defaults 0.8 / 0.4, source = edited prompt);

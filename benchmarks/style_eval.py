@@ -91,6 +91,7 @@ VARIANTS = {
     "+ shared_score_shift=log 2": StyleAlignedOptions(shared_score_shift=math.log(2)),
     "+ share_group_norm=False": StyleAlignedOptions(share_group_norm=False),
     "+ only_self_level=0.5": StyleAlignedOptions(only_self_level=0.5),
+    "+ full_attention_share": StyleAlignedOptions(full_attention_share=True),
     "+ blocks='U*' (up blocks)": StyleAlignedOptions(blocks="U*"),
     "+ adain_values, blocks='U*'": StyleAlignedOptions(adain_values=True, blocks="U*"),
 }
