@@ -113,9 +113,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "for one word of the edited prompt (repeatable)")
     p.add_argument("--self-replace", type=float, default=0.4, help="fraction of steps with the source's self maps")
     p.add_argument("--reweight", action="append", default=[], metavar="WORD=FACTOR",
-                   help="scale a word's cross-attention in the edit (repeatable)")
+                   help="scale a word's cross-attention in the edit, inside its cross-replace window as the "
+                        "reference does (repeatable; every step: --option reweight_every_step=true)")
     p.add_argument("--blend", action="append", default=[], metavar="WORD",
-                   help="local blend: only where these words attend may the image change (repeatable)")
+                   help="local blend: only where these words attend may the image change (repeatable; mask from "
+                        "the cross layers at 1/4 of the latent, --option blend_downsample=N for 1/N)")
     p.add_argument("--option", action="append", default=[], metavar="NAME=VALUE",
                    help="an EditOptions field, e.g. blend_downsample=1 or reweight_every_step=true (repeatable; "
                         "default: the reference code's behaviour)")

@@ -220,11 +220,11 @@ class PromptToPrompt:
 
     def _edit_cross(self, src: torch.Tensor, edit: torch.Tensor) -> torch.Tensor:
         """The edit's cross maps (h, Nq, tokens) at this step."""
-        dtype = src.dtype
-        in_window = (self.clock.step < self.cross_steps).to(dtype)  # (tokens,) 1: the source's map this step
-        aligned = self.aligned.to(dtype)
-        replaced = src[..., self.index] * aligned + edit * (1 - aligned)  # the reference's replace_cross_attention
-        weights = self.weights.to(dtype)
+        like = dict(device=src.device, dtype=src.dtype)
+        in_window = (self.clock.step < self.cross_steps).to(**like)  # (tokens,) 1: the source's map this step
+        aligned = self.aligned.to(**like)
+        replaced = src[..., self.index.to(src.device)] * aligned + edit * (1 - aligned)  # replace_cross_attention
+        weights = self.weights.to(**like)
         if self.options.reweight_every_step:
             return (replaced * in_window + edit * (1 - in_window)) * weights
         return replaced * weights * in_window + edit * (1 - in_window)
