@@ -8,7 +8,15 @@ from pathlib import Path
 
 from PIL import Image
 
-from .loading import DEFAULT_MODEL, SCHEDULERS, ModelLoadError, load_pipeline
+from . import guards
+from .loading import (
+    DEFAULT_MODEL,
+    SCHEDULERS,
+    ModelLoadError,
+    load_pipeline,
+    model_fingerprint,
+    model_reference,
+)
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -36,9 +44,11 @@ def _gen_args(p: argparse.ArgumentParser, many_prompts: bool = False, required: 
                    action="append" if many_prompts else "store",
                    help="text prompt" + (" (repeatable)" if many_prompts else ""))
     p.add_argument("--negative-prompt", default="")
-    p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's)")
-    p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance (default: the model's)")
-    p.add_argument("--size", type=_size, default=None, help="WxH, multiples of 8 (default: the model's)")
+    p.add_argument("--steps", type=guards.positive_int, default=None, help="denoising steps (default: the model's)")
+    p.add_argument("--guidance", type=guards.guidance, default=None,
+                   help="classifier-free guidance, >= 0 (default: the model's)")
+    p.add_argument("--size", type=_size, default=None, help="WxH, multiples of 8 (default: the model's native size)")
+    p.add_argument("--yes", action="store_true", help="run a job above the size that asks for confirmation")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -51,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("generate", help="one image with AttnMod schedules on some blocks")
     _gen_args(p)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=guards.seed, default=0)
     p.add_argument("--mod", action="append", default=[], metavar="BLOCK=START[:RATE[:ACCEL]]",
                    help="e.g. U1A1A2=-5:0.2, 'D1*=[1,0.8,0.6]'; repeatable")
     p.add_argument("--recipe", help="regenerate from a PNG written by attnmod (or its JSON recipe)")
@@ -73,29 +83,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--side-by-side", action="store_true", help="also write all sheets in one row")
     p.add_argument("--x", help="axis along x (start, mod, rate, accel, encoders, seed, prompt, block)")
     p.add_argument("--y", help="axis along y")
-    p.add_argument("--batch-size", type=int, default=8, help="images per pipeline call")
-    p.add_argument("--tile-px", type=int, default=None, help="display size of a tile in the grid")
+    p.add_argument("--batch-size", type=guards.positive_int, default=8, help="images per pipeline call")
+    p.add_argument("--tile-px", type=guards.positive_int, default=None, help="display size of a tile in the grid")
     p.add_argument("--out", required=True, help="output folder (re-running resumes)")
 
     p = sub.add_parser("strategy", help="greedy multi-block AttnMod (paper Fig. 9): one block gains +1 per step")
     _gen_args(p)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=guards.seed, default=0)
     p.add_argument("--blocks", default="all", help="candidate blocks (selector), all starting at 0")
     p.add_argument("--picker", default="most", help="most (influential) or least")
-    p.add_argument("--candidate-batch", type=int, default=None, help="candidates per UNet call (default all)")
+    p.add_argument("--candidate-batch", type=guards.positive_int, default=None,
+                   help="candidates per UNet call (default all)")
     p.add_argument("--out", required=True, help="output PNG (its recipe remakes it without the search)")
 
     p = sub.add_parser("influence", help="every block's tile at one setting vs the default, scored")
     _gen_args(p)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=guards.seed, default=0)
     p.add_argument("--setting", default="-5:0.2", metavar="START:RATE[:ACCEL]")
     p.add_argument("--blocks", default="all", help="which blocks to map (selector)")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=guards.positive_int, default=8)
     p.add_argument("--out", required=True, help="output folder (re-running resumes)")
 
     p = sub.add_parser("maps", help="cross-attention word maps, self-attention PCA and self-segmentation")
     _gen_args(p)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=guards.seed, default=0)
     p.add_argument("--blocks", help="blocks whose attention is captured (selector; default: the model's, "
                                     "'all' but the 16x16 blocks 'D0*+U3*' on the embedded model)")
     p.add_argument("--segments", type=int, default=4, help="k of the self-attention k-means")
@@ -106,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("edit", help="Prompt-to-Prompt: edit an image by editing its prompt, keeping its layout")
     _gen_args(p)
     p.add_argument("--to", help="the edited prompt")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=guards.seed, default=0)
     p.add_argument("--refine", action="store_true", help="the edit adds words (aligned words keep their maps)")
     p.add_argument("--cross-replace", action="append", default=[], metavar="FRACTION|WORD=FRACTION",
                    help="fraction of steps with the source's cross maps (default 0.8); WORD=FRACTION overrides it "
@@ -128,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     _gen_args(p, many_prompts=True, required=False)
     p.add_argument("--recipe", help="remake the whole set of a PNG written by attnmod style")
     p.add_argument("--style", default="", help="appended to every prompt (e.g. 'outlined style')")
-    p.add_argument("--seed", type=int, default=0, help="image i uses seed + i")
+    p.add_argument("--seed", type=guards.seed, default=0, help="image i uses seed + i")
     p.add_argument("--ref-image", help="a real reference image (DDIM-inverted; must have the model's size)")
     p.add_argument("--ref-prompt", help="what the reference image shows (needed with --ref-image)")
     p.add_argument("--blocks", default="self", help="self-attention blocks that share (selector, e.g. U*)")
@@ -149,21 +160,39 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _load(args, model: str | None = None):
     args.model = args.model or model or DEFAULT_MODEL
-    prompts = getattr(args, "prompt", None)
-    _check_prompts(args.model, [*(prompts if isinstance(prompts, list) else [prompts]),
-                                getattr(args, "negative_prompt", "")])
-    return load_pipeline(args.model, device=args.device, dtype=args.dtype, scheduler=args.scheduler,
+    guards.check_device(args.device)
+    if args.model == DEFAULT_MODEL:  # the embedded model's grammar; a trailing full stop is dropped
+        for name in ("prompt", "negative_prompt", "to", "ref_prompt"):
+            value = getattr(args, name, None)
+            if isinstance(value, list):
+                setattr(args, name, [_toy_prompt(v) for v in value])
+            elif value:
+                setattr(args, name, _toy_prompt(value))
+    pipe = load_pipeline(args.model, device=args.device, dtype=args.dtype, scheduler=args.scheduler,
                          config=args.config)
+    prompts = [getattr(args, n, None) for n in ("prompt", "negative_prompt", "to", "ref_prompt")]
+    for prompt in dict.fromkeys(p for v in prompts for p in (v if isinstance(v, list) else [v]) if p):
+        warning = guards.check_prompt_length(getattr(pipe, "tokenizer", None), prompt)
+        if warning:
+            print(warning, file=sys.stderr)
+    return pipe
+
+
+def _toy_prompt(prompt: str) -> str:
+    """The embedded toy model reads its training grammar only: other word orders or words are an error."""
+    from .toy.dataset import parse_caption
+
+    prompt = prompt.strip().removesuffix(".").strip()
+    parse_caption(prompt)
+    return prompt
 
 
 def _check_prompts(model: str, prompts) -> None:
-    """The embedded toy model knows a small vocabulary: unknown words are an error that lists it."""
+    """Prompts checked before loading (the embedded model's grammar); see ``_load``."""
     if model == DEFAULT_MODEL:
-        from .toy.dataset import check_prompt
-
         for prompt in prompts:
             if prompt:
-                check_prompt(prompt)
+                _toy_prompt(prompt)
 
 
 def _base_recipe(args, pipe, prompt: str, seed: int = 0):
@@ -173,11 +202,43 @@ def _base_recipe(args, pipe, prompt: str, seed: int = 0):
 
     d = model_defaults(pipe)
     width, height = args.size or (d["width"], d["height"])
+    if (width, height) != (d["width"], d["height"]):
+        native = f"{d['width']}x{d['height']}"
+        if d.get("native_size_only"):
+            raise ValueError(f"--size {width}x{height}: this model draws at {native} only (other sizes give copies "
+                             "of the object or a blank image)")
+        print(f"warning: this model's native size is {native}; at {width}x{height} it may repeat or lose the "
+              "subject", file=sys.stderr)
     return Recipe(
         prompt=prompt, negative_prompt=args.negative_prompt, seed=seed,
         steps=args.steps or d["steps"], guidance=d["guidance"] if args.guidance is None else args.guidance,
-        width=width, height=height, model=args.model, scheduler=type(pipe.scheduler).__name__,
+        width=width, height=height, model=model_reference(args.model), scheduler=type(pipe.scheduler).__name__,
+        model_id=model_fingerprint(args.model), device=str(pipe.device), dtype=str(pipe.dtype).removeprefix("torch."),
     )
+
+
+def _recipe_model(args, recipe) -> str:
+    """The model a recipe replays with: ``--model`` if given, else the one it records, which must exist."""
+    if args.model:
+        return args.model
+    model = recipe.model
+    if Path(model).is_absolute() and not Path(model).exists():
+        ident = f" (model id {recipe.model_id})" if recipe.model_id else ""
+        raise ValueError(f"the recipe needs the model {model}{ident}, which is not there; "
+                         "give --model PATH to replay it with a copy")
+    return model
+
+
+def _check_replay(args, pipe, recipe) -> None:
+    """Warn when a replay's model or device is not the recipe's: the image may then differ."""
+    ident = model_fingerprint(args.model)
+    if recipe.model_id and ident and ident != recipe.model_id:
+        print(f"warning: the recipe was made with model id {recipe.model_id}, {args.model} is {ident}; "
+              "the image will differ", file=sys.stderr)
+    here = (str(pipe.device), str(pipe.dtype).removeprefix("torch."))
+    if recipe.device and (recipe.device, recipe.dtype) != here:
+        print(f"warning: the recipe was rendered on {recipe.device} ({recipe.dtype}), this run uses {here[0]} "
+              f"({here[1]}); the image may differ slightly", file=sys.stderr)
 
 
 def cmd_blocks(args) -> int:
@@ -192,17 +253,23 @@ def cmd_blocks(args) -> int:
 
 
 def cmd_generate(args) -> int:
+    from dataclasses import replace as dc_replace
+
     from .generate import generate
     from .modify import normalize_mods
     from .recipe import save_png
     from .schedule import Schedule
 
+    guards.check_output_file(args.out)
     recipe = _read_recipe(args.recipe) if args.recipe else None
     if recipe is None and not args.prompt:
         raise ValueError("give --prompt (or --recipe to regenerate an image)")
-    pipe = _load(args, recipe.model if recipe else None)
+    pipe = _load(args, _recipe_model(args, recipe) if recipe else None)
     if recipe is not None:
+        _check_replay(args, pipe, recipe)
         _use_scheduler_class(pipe, recipe.scheduler)
+        recipe = dc_replace(recipe, model=model_reference(args.model), model_id=model_fingerprint(args.model),
+                            device=str(pipe.device), dtype=str(pipe.dtype).removeprefix("torch."))
     else:
         mods = {}
         for text in args.mod:
@@ -211,6 +278,7 @@ def cmd_generate(args) -> int:
                 raise ValueError(f"--mod expects BLOCK=START[:RATE[:ACCEL]], got {text!r}")
             mods[block] = Schedule.parse(sched)
         recipe = _base_recipe(args, pipe, args.prompt, args.seed).with_mods(normalize_mods(pipe.unet, mods))
+    guards.check_job_size(1, recipe.steps, recipe.width, recipe.height, args.yes)
     image = generate(pipe, recipe)
     from .blocks import list_blocks
 
@@ -230,26 +298,46 @@ def _use_scheduler_class(pipe, name: str) -> None:
 
 
 def _read_command_recipe(path: str, command: str):
-    """The recipe of an image ``attnmod <command>`` wrote, and the ``attnmod_<command>`` chunk beside it."""
+    """The recipe of an image ``attnmod <command>`` wrote, and the ``attnmod_<command>`` chunk beside it
+    (read without decoding the pixels; a missing or corrupt chunk is a one-line ValueError)."""
     import json
 
-    from .recipe import Recipe
+    from .recipe import Recipe, png_text
 
-    with Image.open(path) as im:
-        text = getattr(im, "text", {}).get(f"attnmod_{command}")
+    chunk = f"attnmod_{command}"
+    text = (png_text(path) or {}).get(chunk)
     if text is None:
-        raise ValueError(f"{path} was not written by attnmod {command} (no attnmod_{command} text chunk)")
-    return Recipe.from_png(path), json.loads(text)
+        raise ValueError(f"{path} was not written by attnmod {command} (no {chunk} text chunk)")
+    if command == "edit":
+        from .p2p import EditOptions as Options
+
+        keys, options_key = {"source": str, "target": str, "mode": str, "options": dict}, "options"
+    else:
+        from .style_aligned import StyleAlignedOptions as Options
+
+        keys, options_key = {"prompts": list, "index": int, "ref_image": (str, type(None)),
+                             "ref_prompt": (str, type(None)), "style_aligned": dict}, "style_aligned"
+    try:
+        info = json.loads(text)
+        bad = [k for k, kind in keys.items() if not isinstance(info, dict) or not isinstance(info.get(k), kind)]
+        if bad:
+            raise ValueError(f"{bad[0]} is missing or of the wrong type")
+        options = dict(info[options_key])
+        if command == "edit":
+            if not isinstance(options.get("local_blend"), list):
+                raise ValueError("options.local_blend is missing or not a list")
+            options["local_blend"] = tuple(options["local_blend"])
+        Options(**options)
+    except (ValueError, TypeError, RecursionError) as e:
+        raise ValueError(f"{path}: its {chunk} chunk is corrupt ({' '.join(str(e).split())})") from None
+    return Recipe.from_png(path), info
 
 
 def _read_recipe(path: str):
-    import json
-
+    """``--recipe``: a PNG attnmod wrote or a recipe JSON, told apart by content, checked field by field."""
     from .recipe import Recipe
 
-    if path.lower().endswith(".png"):
-        return Recipe.from_png(path)
-    return Recipe.from_dict(json.loads(Path(path).read_text()))
+    return Recipe.from_file(path)
 
 
 def _sweep_from_args(args):
@@ -271,7 +359,7 @@ def _sweep_from_args(args):
             raise ValueError(f"--pair expects two blocks A,B, got {args.pair!r}")
         blocks = [a, b, f"{a}+{b}"]
     return Sweep(
-        prompts=tuple(args.prompt), seeds=tuple(parse_values(args.seed, int)), blocks=tuple(blocks),
+        prompts=tuple(args.prompt), seeds=tuple(guards.seeds(parse_values(args.seed))), blocks=tuple(blocks),
         starts=tuple(kw.get("starts", (1.0,))), rates=tuple(kw.get("rates", (0.0,))),
         accels=tuple(parse_values(args.accel)), settings=kw.get("settings"),
         encoder_weights=tuple(tuple(parse_values(w)) for w in args.encoder_weights or ()), x=args.x, y=args.y,
@@ -281,11 +369,13 @@ def _sweep_from_args(args):
 def cmd_scan(args) -> int:
     from .sweep import plan, run_scan
 
+    guards.check_output_dir(args.out)
     sweep = _sweep_from_args(args)
     pipe = _load(args)
     base = _base_recipe(args, pipe, args.prompt[0])
     tiles = plan(pipe, sweep, base)
     unique = len({t.recipe.key for t in tiles})
+    guards.check_job_size(unique, base.steps, base.width, base.height, args.yes)
     x, y, sheets = sweep.layout()
     print(f"scan: {len(tiles)} tiles ({unique} distinct images) x {base.steps} steps = "
           f"{unique * base.steps} denoising steps; x={x}, y={y}" + (f", sheets by {', '.join(sheets)}" if sheets else ""))
@@ -310,8 +400,10 @@ def cmd_strategy(args) -> int:
     from .strategy import get_picker, run_strategy
 
     get_picker(args.picker)  # fail before loading anything
+    guards.check_output_file(args.out)
     pipe = _load(args)
     base = _base_recipe(args, pipe, args.prompt, args.seed)
+    guards.check_job_size(1, base.steps, base.width, base.height, args.yes)
     short = {b.name: b.short for b in list_blocks(pipe.unet)}
     result = run_strategy(pipe, base, blocks=args.blocks, picker=args.picker, candidate_batch=args.candidate_batch)
     path = save_png(result.image, args.out, result.recipe, short)
@@ -321,12 +413,16 @@ def cmd_strategy(args) -> int:
 
 
 def cmd_influence(args) -> int:
+    from .blocks import resolve_blocks
     from .influence import block_influence
     from .schedule import Schedule
 
     setting = Schedule.parse(args.setting)
+    guards.check_output_dir(args.out)
     pipe = _load(args)
     base = _base_recipe(args, pipe, args.prompt, args.seed)
+    blocks = resolve_blocks(pipe.unet, args.blocks)
+    guards.check_job_size(len(blocks) + 1, base.steps, base.width, base.height, args.yes)
     result = block_influence(pipe, base, setting, blocks=args.blocks, out=args.out, batch_size=args.batch_size,
                              progress=not args.quiet)
     top = ", ".join(f"{b} {s:.3f}" for b, s in result.ranking()[:5])
@@ -343,8 +439,10 @@ def cmd_maps(args) -> int:
     from .segment import self_segmentation
     from .tokenizer import split_words
 
+    guards.check_output_dir(args.out)
     pipe = _load(args)
     recipe = _base_recipe(args, pipe, args.prompt, args.seed)
+    guards.check_job_size(1, recipe.steps, recipe.width, recipe.height, args.yes)
     with trace(pipe, blocks=args.blocks or model_defaults(pipe)["maps_blocks"]) as tc:
         image = to_pil(generate(pipe, recipe))
     maps = tc.result(recipe.prompt)
@@ -385,27 +483,26 @@ def cmd_edit(args) -> int:
     from .p2p import EditOptions, edit
     from .recipe import save_png, to_pil, write_image
 
+    guards.check_output_dir(args.out)
     if args.recipe:  # remake the edit exactly: prompts, seed, sampling and options from the PNG
         recipe, info = _read_command_recipe(args.recipe, "edit")
         args.prompt, args.to, args.refine = info["source"], info["target"], info["mode"] == "refine"
         args.seed, args.steps, args.guidance = recipe.seed, recipe.steps, recipe.guidance
         args.size, args.negative_prompt = (recipe.width, recipe.height), recipe.negative_prompt
-        args.model = args.model or recipe.model
+        args.model = _recipe_model(args, recipe)
         options = EditOptions(**{**info["options"], "local_blend": tuple(info["options"]["local_blend"])})
     else:
         if not args.prompt or not args.to:
             raise ValueError("give --prompt and --to (or --recipe to remake an edit)")
-        reweight = {}
-        for item in args.reweight:
-            word, sep, factor = item.partition("=")
-            if not sep:
-                raise ValueError(f"--reweight expects WORD=FACTOR, got {item!r}")
-            reweight[word] = float(factor)
+        reweight = dict(guards.factor("--reweight", item) for item in args.reweight)
         options = with_settings(EditOptions(_cross_replace(args.cross_replace), args.self_replace, reweight,
                                             local_blend=tuple(args.blend)), args.option)
     pipe = _load(args)
+    if args.recipe:
+        _check_replay(args, pipe, recipe)
     _check_prompts(args.model, [args.to])
     recipe = _base_recipe(args, pipe, args.prompt, args.seed)
+    guards.check_job_size(2, recipe.steps, recipe.width, recipe.height, args.yes)
     mode = "refine" if args.refine else "swap"
     result = edit(pipe, recipe.prompt, args.to, seed=recipe.seed, steps=recipe.steps, guidance=recipe.guidance,
                   width=recipe.width, height=recipe.height, options=options, mode=mode)
@@ -429,13 +526,14 @@ def cmd_style(args) -> int:
     from .recipe import save_png, to_pil, write_image
     from .style_aligned import StyleAlignedOptions, generate_style_set
 
+    guards.check_output_dir(args.out)
     recipe, info = _read_command_recipe(args.recipe, "style") if args.recipe else (None, {})
     if recipe is not None:  # remake the set exactly: prompts, seeds, sampling, options from the PNG
         args.prompt, args.style, args.ref_image, args.ref_prompt = info["prompts"], "", info["ref_image"], info[
             "ref_prompt"]
         args.seed, args.steps, args.guidance = recipe.seed - info["index"], recipe.steps, recipe.guidance
         args.size, args.negative_prompt = (recipe.width, recipe.height), recipe.negative_prompt
-        args.model = args.model or recipe.model
+        args.model = _recipe_model(args, recipe)
     if not args.prompt:
         raise ValueError("give at least one --prompt (or --recipe)")
     prompts = [", ".join(p for p in (prompt, args.style) if p) for prompt in args.prompt]
@@ -448,7 +546,10 @@ def cmd_style(args) -> int:
             raise ValueError(f"cannot read the reference image {args.ref_image}: {e}") from None
     args.prompt = prompts + ([args.ref_prompt] if args.ref_prompt else [])
     pipe = _load(args)
+    if recipe is not None:
+        _check_replay(args, pipe, recipe)
     base = _base_recipe(args, pipe, prompts[0], args.seed)
+    guards.check_job_size(len(prompts) + bool(reference), base.steps, base.width, base.height, args.yes)
     options = (StyleAlignedOptions(**info["style_aligned"]) if recipe
                else StyleAlignedOptions(blocks=args.blocks).with_settings(args.option))
     images = generate_style_set(pipe, prompts, seed=base.seed, steps=base.steps, guidance=base.guidance,
@@ -509,6 +610,9 @@ def main(argv: list[str] | None = None) -> int:
         return handler(args) or 0
     except (ValueError, ModelLoadError, FileNotFoundError) as e:
         print(f"attnmod {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a failed write (disk full, permissions) mid-run: finished files are kept
+        print(f"attnmod {args.command}: error: {guards.describe_os_error(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted: finished tiles are kept; re-run the same command to resume", file=sys.stderr)

@@ -13,7 +13,7 @@ TOY_MAPS_BLOCKS = "D0*+U3*"
 
 
 def model_defaults(pipe) -> dict:
-    """Steps, guidance, size and the blocks ``attnmod maps`` captures: the model folder's
+    """Steps, guidance, native size and the blocks ``attnmod maps`` captures: the model folder's
     ``attnmod_defaults.json`` if it has one, the measured defaults of the embedded toy model
     (``toy.evaluate``, ``TOY_MAPS_BLOCKS``), else diffusers' usual values and every block."""
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
@@ -22,7 +22,8 @@ def model_defaults(pipe) -> dict:
     if folder and Path(folder).resolve() == EMBEDDED_MODEL.resolve():
         from .toy.evaluate import DEFAULT_GUIDANCE, DEFAULT_STEPS
 
-        defaults.update(steps=DEFAULT_STEPS, guidance=DEFAULT_GUIDANCE, maps_blocks=TOY_MAPS_BLOCKS)
+        defaults.update(steps=DEFAULT_STEPS, guidance=DEFAULT_GUIDANCE, maps_blocks=TOY_MAPS_BLOCKS,
+                        native_size_only=True)  # trained at 64x64 only: copies of the object at 128, blank at 32
     path = Path(folder) / "attnmod_defaults.json" if folder else None
     if path is not None and path.is_file():
         defaults.update(json.loads(path.read_text()))

@@ -8,6 +8,7 @@ score is the mean absolute pixel change from the default image (0..1).
 from __future__ import annotations
 
 import re
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,9 +17,10 @@ from PIL import Image
 
 from .blocks import resolve_blocks
 from .grid import make_grid
+from .lock import folder_lock
 from .recipe import Recipe, write_image, write_json
 from .schedule import Schedule
-from .sweep import ScanResult, Sweep, run_scan
+from .sweep import ScanResult, Sweep, check_scan, run_scan
 
 DEFAULT_SETTING = Schedule(-5.0, 0.2)  # |start| > 2 and |rate| >= 0.2: where the paper sees new styles
 
@@ -65,11 +67,22 @@ class InfluenceResult:
 
 def block_influence(pipe, base: Recipe, setting: Schedule = DEFAULT_SETTING, *, blocks: str = "all",
                     out: str | Path | None = None, batch_size: int = 8, progress=True) -> InfluenceResult:
-    """Render ``setting`` at each block (one at a time) and the default image; score each block."""
+    """Render ``setting`` at each block (one at a time) and the default image; score each block.
+
+    With ``out``, the inputs are checked first, then ``out`` is locked for the whole run (the scan's
+    tiles and manifest, ``influence.png`` and ``influence.json``), as ``run_scan`` does."""
     if setting.is_neutral:
         raise ValueError("the influence map needs a setting that changes something (not 1:0)")
     shorts = [b.short for b in resolve_blocks(pipe.unet, blocks)]
     sweep = Sweep(prompts=(base.prompt,), seeds=(base.seed,), blocks=tuple(shorts), settings=(setting,))
+    if out is not None:
+        check_scan(pipe, sweep, base, batch_size)  # before the lock makes the folder
+    with folder_lock(out) if out is not None else nullcontext():
+        return _influence(pipe, sweep, base, setting, Path(out) if out is not None else None, batch_size, progress)
+
+
+def _influence(pipe, sweep: Sweep, base: Recipe, setting: Schedule, out: Path | None, batch_size: int,
+               progress) -> InfluenceResult:
     scan = run_scan(pipe, sweep, base, out=out, batch_size=batch_size, progress=progress)
     default = next(t for t in scan.tiles if not t.recipe.mods)
     scores = {}
@@ -79,7 +92,6 @@ def block_influence(pipe, base: Recipe, setting: Schedule = DEFAULT_SETTING, *, 
             scores[t.coords["block"]] = float("nan") if image is None else pixel_change(image, scan.image(default))
     result = InfluenceResult(scan, setting, scores)
     if out is not None:
-        out = Path(out)
         sheet = result.sheet(tile_px=max(128, base.width))
         write_image(out / "influence.png", sheet)
         write_json(out / "influence.json", {"setting": setting.to_dict(), "base": base.to_dict(),

@@ -151,3 +151,42 @@ def _index(path: Path) -> dict:
         return json.loads((path / "model_index.json").read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise ModelLoadError(f"{path}/model_index.json is unreadable: {e}") from e
+
+
+def model_reference(model: str | None) -> str:
+    """What a recipe records to find ``model`` again: aliases and hub ids as given, local folders and files as
+    absolute paths (so a recipe made with ``--model mycopy`` replays from any working folder)."""
+    model = model or DEFAULT_MODEL
+    if model in (DEFAULT_MODEL, "tiny", "tiny-sdxl"):
+        return model
+    path = Path(model).expanduser()
+    return str(path.resolve()) if path.exists() else model
+
+
+def model_fingerprint(model: str | None) -> str:
+    """A short id of a local model's weights: a hash of its configs, its weight files' names and sizes, and
+    1 MiB from the middle of each (cheap even for multi-GB checkpoints; a fine-tune changes it). "" for hub ids
+    (the id is the identity) and the in-process tiny models."""
+    import hashlib
+
+    model = model or DEFAULT_MODEL
+    if model in ("tiny", "tiny-sdxl"):
+        return ""
+    path = EMBEDDED_MODEL if model == DEFAULT_MODEL else Path(model).expanduser()
+    if not path.exists():
+        return ""
+    files = sorted(p for p in ([path] if path.is_file() else path.rglob("*")) if p.is_file()
+                   and (path.is_file() or not any(part.startswith(".") for part in p.relative_to(path).parts))
+                   and p.name != "attnmod_defaults.json")
+    digest = hashlib.sha1()
+    for p in files:
+        rel = p.name if path.is_file() else str(p.relative_to(path))
+        size = p.stat().st_size
+        digest.update(f"{rel}:{size};".encode())
+        if p.suffix in (".json", ".txt"):
+            digest.update(p.read_bytes())
+        elif p.suffix in (".safetensors", ".bin", ".ckpt", ".pt"):
+            with open(p, "rb") as f:
+                f.seek(max(0, size // 2 - (1 << 19)))
+                digest.update(f.read(1 << 20))
+    return digest.hexdigest()[:12]

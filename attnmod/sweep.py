@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from .blocks import list_blocks, resolve_blocks
 from .generate import check_batch, describe, finite, render
 from .grid import make_grid
 from .grid import side_by_side as grid_side_by_side
+from .lock import folder_lock
 from .modify import normalize_mods
 from .recipe import Recipe, save_png, to_pil, write_image, write_json
 from .schedule import Schedule
@@ -233,14 +235,33 @@ def run_scan(
     not written; they are reported in ``ScanResult.failed`` and drawn as crossed placeholders.
     ``progress`` is a tqdm switch or a ``callback(done, total)``. ``side_by_side`` also writes every
     sheet in one row (the paper's Fig. 8: scans of A, B and A+B).
+
+    Every input is checked before anything is written; then ``out`` is locked for the whole run
+    (``attnmod.lock.folder_lock``): a second run on the same folder fails at once with ValueError.
+    A tile that cannot be written (disk full, ...) stops the scan with an ``OSError`` naming the file;
+    the manifest then lists the tiles written before it.
     """
+    tiles = check_scan(pipe, sweep, base, batch_size)
+    short = {b.name: b.short for b in list_blocks(pipe.unet)}
+    result = ScanResult(sweep, tiles, short, title=title, tile_px=tile_px or max(128, base.width))
+    out = Path(out) if out is not None else None
+    with folder_lock(out) if out is not None else nullcontext():
+        return _scan(pipe, result, base, out, batch_size, progress, side_by_side)
+
+
+def check_scan(pipe, sweep: Sweep, base: Recipe, batch_size: int = 8) -> list[Tile]:
+    """Every check ``run_scan`` makes before it writes anything; the planned tiles."""
     if batch_size < 1:
         raise ValueError("batch size must be >= 1")
     tiles = plan(pipe, sweep, base)
     check_batch([t.recipe for t in tiles])
-    short = {b.name: b.short for b in list_blocks(pipe.unet)}
-    result = ScanResult(sweep, tiles, short, title=title, tile_px=tile_px or max(128, base.width))
-    out = Path(out) if out is not None else None
+    return tiles
+
+
+def _scan(pipe, result: ScanResult, base: Recipe, out: Path | None, batch_size: int, progress,
+          side_by_side: bool) -> ScanResult:
+    """Resume or render the tiles of ``result``, then write the sheets and the manifest."""
+    tiles, short = result.tiles, result.short_names
     unique: dict[str, list[Tile]] = {}
     for t in tiles:
         unique.setdefault(t.recipe.key, []).append(t)
@@ -282,8 +303,12 @@ def _already_done(path: Path | None, recipe: Recipe) -> bool:
     if path is None or not path.is_file():
         return False
     try:
-        return Recipe.from_png(path).key == recipe.key
-    except Exception:  # unreadable or foreign file: render it again (it is replaced atomically)
+        if Recipe.from_png(path).key != recipe.key:
+            return False
+        with Image.open(path) as im:
+            im.verify()  # the recipe is read without the pixels: check they are all there too
+        return True
+    except Exception:  # unreadable, truncated or foreign file: render it again (it is replaced atomically)
         return False
 
 

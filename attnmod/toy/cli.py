@@ -12,6 +12,7 @@ import sys
 import time
 from dataclasses import replace
 
+from attnmod import guards
 from attnmod.toy.model import SHIPPED
 
 
@@ -22,6 +23,9 @@ def _train(args: argparse.Namespace) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
+    guards.check_output_dir(args.workdir, "--workdir")
+    if not args.no_export:
+        guards.check_output_dir(args.export, "--export")
     cfg = TrainConfig()
     overrides = {k: getattr(args, k) for k in ("seed", "steps", "vae_steps", "batch", "lr", "cache_size",
                                                "export_every", "ckpt_every", "zero_snr_from",
@@ -51,14 +55,17 @@ def _train(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     from attnmod.toy.evaluate import EvalConfig, evaluate
 
+    if args.out:
+        guards.check_output_file(args.out, suffixes=(".json",))
     cfg = EvalConfig(n_prompts=args.n, steps=args.steps, guidance=args.guidance,
                      sweep=tuple(args.sweep) if args.sweep else (), seed=args.seed)
     result = evaluate(args.model, cfg, progress=not args.no_progress)
     text = json.dumps(result.to_dict(), indent=2)
     print(text)
     if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
+        from attnmod.recipe import atomic_write
+
+        atomic_write(args.out, lambda f: f.write((text + "\n").encode()))
     return 0
 
 
@@ -93,8 +100,8 @@ def register(subparsers) -> None:
                               description="Generate images for held-out prompts and check colour, background, "
                                           "position and shape from the images alone.")
     e.add_argument("--model", default=str(SHIPPED), help="diffusers folder (default: shipped toy model)")
-    e.add_argument("--n", type=int, default=100, help="prompts per object count (default 100)")
-    e.add_argument("--steps", type=int, default=20)
+    e.add_argument("--n", type=guards.positive_int, default=100, help="prompts per object count (default 100)")
+    e.add_argument("--steps", type=guards.positive_int, default=20)
     e.add_argument("--guidance", type=float, default=None, help="default: the model's default guidance")
     e.add_argument("--sweep", type=float, nargs="*", help="guidance scales to sweep (1-object prompts)")
     e.add_argument("--seed", type=int, default=0)
