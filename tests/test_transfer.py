@@ -1,0 +1,145 @@
+import numpy as np
+import pytest
+import torch
+
+from attnmod import Schedule, modify
+from attnmod.attention import AttentionCall
+from attnmod.blocks import short_name
+from attnmod.ddpm_inversion import ddpm_invert
+from attnmod.transfer import (
+    CrossImageAttention,
+    TransferOptions,
+    attention_step,
+    contrast,
+    latent_adain,
+    swap_guidance_scales,
+    swap_layers,
+    transfer,
+)
+
+SMALL = dict(steps=8, skip=2, windows=((1, 8), (1, 5)), adain_steps=(2, 8), segments=3, noun="cat",
+             prompt="a photo of a cat")
+
+
+def image(pipe, prompt, seed):
+    with torch.inference_mode():
+        return pipe(prompt, num_inference_steps=3, height=32, width=32,
+                    generator=torch.Generator().manual_seed(seed)).images[0]
+
+
+def test_contrast_is_the_references_clipped_stretch():
+    probs = torch.tensor([[0.1, 0.2, 0.7], [1 / 3, 1 / 3, 1 / 3]])
+    out = contrast(probs, 1.67)  # mean of every row is 1/3
+    expected = ((probs - 1 / 3) * 1.67 + 1 / 3).clamp(0, 1)
+    assert torch.allclose(out, expected) and out[0, 0] == 0  # 0.1 -> -0.056: clipped, not renormalised
+    assert not torch.allclose(out.sum(-1), torch.ones(2))
+    assert torch.allclose(contrast(probs, 1.67, renormalize=True).sum(-1), torch.ones(2))
+
+
+def test_schedules_of_the_reference():
+    s = swap_guidance_scales(3.5, 68)
+    assert s[0] == 3.5 and s[-1] == 1.75 and len(s) == 68 and np.all(np.diff(s) < 0)
+    assert swap_guidance_scales(1.5, 4)[-1] == 1.0  # never below 1
+    assert [attention_step(i) for i in range(4)] == [0, 0, 1, 2]  # the previous callback's step
+
+
+def test_latent_adain_matches_statistics_and_keeps_what_the_mask_leaves_out():
+    content, style = torch.randn(4, 8, 8), torch.randn(4, 8, 8) * 3 + 2
+    out = latent_adain(content, style)
+    assert torch.allclose(out.mean((1, 2)), style.mean((1, 2)), atol=1e-4)
+    assert torch.allclose(out.flatten(1).std(1), style.flatten(1).std(1), atol=1e-3)
+    mask = torch.zeros(8, 8)
+    mask[:4] = 1
+    masked = latent_adain(content, style, mask, mask)
+    assert torch.equal(masked[:, 4:], content[:, 4:])
+    assert torch.allclose(masked[:, :4].flatten(1).mean(1), style[:, :4].flatten(1).mean(1), atol=1e-4)
+
+
+def test_swap_layers_are_the_decoders_two_largest_self_attention_resolutions(sd, sdxl):
+    sd15 = {short_name(n): w for n, w in swap_layers(sd.unet).items()}
+    assert sd15 == {"U3A0A1": 0, "U3A1A1": 0, "U3A2A1": 0, "U2A0A1": 1, "U2A1A1": 1, "U2A2A1": 1}
+    xl = swap_layers(sdxl.unet)
+    assert len(xl) == 2 * 3 + 3 * 3 and all(".attn1" in n and n.startswith("up_blocks") for n in xl)
+    assert {w for n, w in xl.items() if n.startswith("up_blocks.1.")} == {0}  # SDXL's largest: up_blocks.1
+    assert set(swap_layers(sd.unet, "D0*")) == {b for b in swap_layers(sd.unet, "D0*")} and \
+        all(".attn1" in n for n in swap_layers(sd.unet, "D0*"))
+    with pytest.raises(ValueError, match="no self-attention blocks"):
+        swap_layers(sd.unet, "cross")
+
+
+def test_hook_swaps_the_output_row_of_the_second_half_only(sd):
+    o = TransferOptions()
+    layer = next(iter(swap_layers(sd.unet)))
+    hooks = CrossImageAttention(sd, {layer: 0}, o)
+    sd._guidance_scale = 3.5  # as inside a pipeline call with swap guidance
+    q, k, v = (torch.randn(6, 2, 16, 8) for _ in range(3))  # [out, app, struct] x (no swap, swap)
+    call = AttentionCall(layer, False, 2, (6, 16, 16))
+    for step, source in ((12, 1), (16, 2), (41, 1), (46, 1)):  # attention step 15 (every 5th, < 40): structure
+        hooks.clock.step = step
+        _, k2, v2, _ = hooks.qkv(call, q, k, v)
+        assert torch.equal(k2[3], k[3 + source]) and torch.equal(v2[3], v[3 + source]), step
+        assert torch.equal(k2[:3], k[:3]) and torch.equal(k2[4:], k[4:])
+    hooks.clock.step = 10  # attention step 9: before the window
+    assert not hooks.swaps(call) and torch.equal(hooks.qkv(call, q, k, v)[1], k)
+    hooks.clock.step = 11
+    probs = torch.softmax(torch.randn(6, 2, 16, 16), -1)
+    out = hooks.probs(call, probs)
+    assert torch.equal(out[[0, 1, 2, 4, 5]], probs[[0, 1, 2, 4, 5]])
+    assert torch.allclose(out[3], contrast(probs[3], 1.67))
+
+
+def test_with_nothing_swapped_the_output_is_the_structures_replay(sd):
+    a, b = image(sd, "a red cat", 0), image(sd, "a blue dog", 1)
+    neutral = TransferOptions(**{**SMALL, "windows": ((0, 0),), "adain": "off"})
+    r = transfer(sd, a, b, neutral)
+    assert np.abs(r.output - r.structure).max() < 1e-5  # the same row twice (batch-position rounding only)
+    swapped = transfer(sd, a, b, TransferOptions(**{**SMALL, "adain": "off"}))
+    # the swap changes the output row only (the other rows round differently through the explicit softmax)
+    assert np.abs(swapped.structure - r.structure).max() < 1e-5
+    assert np.abs(swapped.appearance - r.appearance).max() < 1e-5
+    assert np.abs(swapped.output - r.output).mean() > 1e-3
+
+
+@pytest.mark.parametrize("name", ["sd", "sdxl"])
+def test_transfer_runs_restores_the_pipeline_and_falls_back_without_a_mask(name, request):
+    pipe = request.getfixturevalue(name)
+    a, b = image(pipe, "a red cat", 0), image(pipe, "a blue dog", 1)
+    with torch.inference_mode():
+        stock = pipe("a red cat", num_inference_steps=3, height=32, width=32, output_type="np",
+                     generator=torch.Generator().manual_seed(0)).images
+    processors, scheduler = dict(pipe.unet.attn_processors), pipe.scheduler
+    r = transfer(pipe, a, b, TransferOptions(**SMALL))
+    assert r.output.shape == (32, 32, 3) and np.isfinite(r.output).all()
+    # a random model's maps are flat: no segment is the cat's; AdaIN then covers the whole latent, and says so
+    assert r.notes and "AdaIN over the whole latent" in r.notes[0]
+    plain = transfer(pipe, a, b, TransferOptions(**{**SMALL, "adain": "plain"}))
+    assert np.abs(plain.output - r.output).max() < 1e-5  # (the masked run's map capture rounds differently)
+    assert pipe.scheduler is scheduler and dict(pipe.unet.attn_processors) == processors
+    with torch.inference_mode():
+        again = pipe("a red cat", num_inference_steps=3, height=32, width=32, output_type="np",
+                     generator=torch.Generator().manual_seed(0)).images
+    assert np.array_equal(stock, again)
+
+
+def test_transfer_with_attnmod_active_and_with_given_inversions(sd):
+    a, b = image(sd, "a red cat", 0), image(sd, "a blue dog", 1)
+    o = TransferOptions(**{**SMALL, "adain": "off"})
+    inv = [ddpm_invert(sd, im, o.text, steps=o.steps, guidance=o.inversion_guidance,
+                       generator=torch.Generator().manual_seed(o.seed)) for im in (a, b)]
+    base = transfer(sd, a, b, o)
+    assert np.array_equal(transfer(sd, inv[0], inv[1], o).output, base.output)  # the same inversions
+    with modify(sd, {"U1A1A2": Schedule(-5, 0.2)}):
+        modded = transfer(sd, inv[0], inv[1], o)
+    assert np.abs(modded.output - base.output).mean() > 1e-3 and np.isfinite(modded.output).all()
+
+
+def test_bad_transfer_options(sd):
+    a = image(sd, "a red cat", 0)
+    with pytest.raises(ValueError, match="noun 'dog' is not in the prompt 'a photo of a cat'"):
+        transfer(sd, a, a, TransferOptions(**{**SMALL, "noun": "dog"}))
+    for bad, says in (({"adain": "maybe"}, "masked, plain or off"), ({"skip": 8}, "skip must be in"),
+                      ({"swap_guidance": 0.5}, "swap_guidance must be >= 1")):
+        with pytest.raises(ValueError, match=says):
+            TransferOptions(**{**SMALL, **bad})
+    with pytest.raises(ValueError, match="resize it first"):
+        transfer(sd, a, a.resize((16, 16)), TransferOptions(**SMALL))
