@@ -147,7 +147,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="any StyleAlignedOptions field, e.g. adain_values=true (repeatable; default: published)")
     p.add_argument("--out", required=True, help="output folder")
 
-    for name in ("generate", "scan", "strategy", "influence", "maps", "edit", "style"):
+    p = sub.add_parser("transfer", help="Cross-Image Attention: the structure image's layout in the appearance "
+                                        "image's colours and textures")
+    _model_args(p)
+    p.add_argument("--structure", help="image whose layout and shapes are kept")
+    p.add_argument("--appearance", help="image whose colours, textures and background are taken")
+    p.add_argument("--noun", help="the object's noun, for the masks of masked AdaIN (default: object)")
+    p.add_argument("--prompt", help="prompt of the inversions and the transfer (default: 'a photo of a NOUN'; "
+                                    "the embedded model: empty)")
+    p.add_argument("--seed", type=guards.seed, default=42, help="noise of the DDPM inversions")
+    p.add_argument("--option", action="append", default=[], metavar="NAME=VALUE",
+                   help="a TransferOptions field, e.g. adain=plain or contrast=1.3 (repeatable; default: the "
+                        "reference code's)")
+    p.add_argument("--recipe", help="remake the transfer of a PNG written by attnmod transfer")
+    p.add_argument("--yes", action="store_true", help="run a job above the size that asks for confirmation")
+    p.add_argument("--out", required=True, help="output folder")
+
+    for name in ("generate", "scan", "strategy", "influence", "maps", "edit", "style", "transfer"):
         sub.choices[name].add_argument("--quiet", action="store_true", help="no progress bar")
     try:
         from .toy import cli as toy_cli
@@ -312,6 +328,10 @@ def _read_command_recipe(path: str, command: str):
         from .p2p import EditOptions as Options
 
         keys, options_key = {"source": str, "target": str, "mode": str, "options": dict}, "options"
+    elif command == "transfer":
+        from .transfer import TransferOptions as Options
+
+        keys, options_key = {"structure": str, "appearance": str, "options": dict}, "options"
     else:
         from .style_aligned import StyleAlignedOptions as Options
 
@@ -327,6 +347,10 @@ def _read_command_recipe(path: str, command: str):
             if not isinstance(options.get("local_blend"), list):
                 raise ValueError("options.local_blend is missing or not a list")
             options["local_blend"] = tuple(options["local_blend"])
+        if command == "transfer":  # JSON lists back to the dataclass's tuples
+            options = {k: (tuple(tuple(w) for w in v) if k == "windows" else tuple(v) if k == "adain_steps" else v)
+                       for k, v in options.items()}
+            info["options"] = options
         Options(**options)
     except (ValueError, TypeError, RecursionError) as e:
         raise ValueError(f"{path}: its {chunk} chunk is corrupt ({' '.join(str(e).split())})") from None
@@ -571,8 +595,77 @@ def cmd_style(args) -> int:
     return 0
 
 
+def _read_image(path: str, flag: str) -> Image.Image:
+    """An input image as RGB, or a one-line error naming the flag and the file."""
+    if not path:
+        raise ValueError(f"give {flag} IMAGE")
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{flag} {path}: cannot read the image ({e})") from None
+
+
+def cmd_transfer(args) -> int:
+    from dataclasses import asdict, fields
+    from dataclasses import replace as dc_replace
+
+    from .defaults import model_defaults
+    from .grid import side_by_side
+    from .options import with_settings
+    from .recipe import save_png, to_pil, write_image
+    from .transfer import TransferOptions, transfer
+
+    guards.check_output_dir(args.out)
+    info = {}
+    if args.recipe:  # remake exactly: inputs, options, model and seed from the PNG
+        recipe, info = _read_command_recipe(args.recipe, "transfer")
+        args.structure, args.appearance = info["structure"], info["appearance"]
+        args.model = _recipe_model(args, recipe)
+    structure = _read_image(args.structure, "--structure")
+    appearance = _read_image(args.appearance, "--appearance")
+    if args.recipe:
+        options = TransferOptions(**info["options"])
+    else:
+        options = with_settings(TransferOptions(seed=args.seed), args.option)
+    args.prompt = options.prompt if args.recipe else args.prompt
+    pipe = _load(args)
+    if args.recipe:
+        _check_replay(args, pipe, recipe)
+    else:
+        named = {f.name for f in fields(TransferOptions)}
+        model = {k: v for k, v in model_defaults(pipe).get("transfer", {}).items() if k in named}
+        given = {n.partition("=")[0].strip().replace("-", "_") for n in args.option}
+        flags = {k: v for k, v in (("noun", args.noun), ("prompt", args.prompt)) if v is not None}
+        options = dc_replace(options, **{k: v for k, v in model.items() if k not in given}, **flags)
+    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    for name, im in (("--structure", structure), ("--appearance", appearance)):
+        if im.size != (size, size):
+            raise ValueError(f"{name} {getattr(args, name[2:])} is {im.width}x{im.height}; this model makes "
+                             f"{size}x{size} images: resize it first")
+    guards.check_job_size(3 * 2, options.steps, size, size, args.yes)
+    result = transfer(pipe, structure, appearance, options)
+    for note in result.notes:
+        print(f"note: {note}", file=sys.stderr)
+    out = Path(args.out)
+    args.size, args.negative_prompt, args.steps, args.guidance = (size, size), "", options.steps, options.swap_guidance
+    base = _base_recipe(args, pipe, options.text, options.seed)
+    info = {"structure": str(Path(args.structure).resolve()), "appearance": str(Path(args.appearance).resolve()),
+            "options": asdict(options)}
+    for name, image in (("output", result.output), ("structure", result.structure),
+                        ("appearance", result.appearance)):
+        save_png(image, out / f"{name}.png", base, extra={"attnmod_transfer": {**info, "image": name}})
+    tile = max(256, size)
+    sheet = side_by_side([im.resize((tile, tile), Image.NEAREST) for im in
+                          (structure, appearance, to_pil(result.output))], gap=8)
+    write_image(out / "side-by-side.png", sheet)
+    print(f"wrote {out}/output.png, structure.png, appearance.png (reconstructions), side-by-side.png "
+          "(structure | appearance | output)")
+    return 0
+
+
 COMMANDS = {"blocks": cmd_blocks, "maps": cmd_maps, "edit": cmd_edit, "style": cmd_style, "generate": cmd_generate, "scan": cmd_scan, "strategy": cmd_strategy,
-            "influence": cmd_influence}
+            "influence": cmd_influence, "transfer": cmd_transfer}
 
 
 _VALUE_OPTIONS = ("--start", "--rate", "--accel", "--setting", "--seed", "--mod")

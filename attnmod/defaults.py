@@ -23,7 +23,9 @@ def model_defaults(pipe) -> dict:
         from .toy.evaluate import DEFAULT_GUIDANCE, DEFAULT_STEPS
 
         defaults.update(steps=DEFAULT_STEPS, guidance=DEFAULT_GUIDANCE, maps_blocks=TOY_MAPS_BLOCKS,
-                        native_size_only=True)  # trained at 64x64 only: copies of the object at 128, blank at 32
+                        native_size_only=True,  # trained at 64x64 only: copies of the object at 128, blank at 32
+                        # its grammar has no shared object noun: an empty prompt, AdaIN over the whole latent
+                        transfer={"prompt": "", "adain": "plain"})
     path = Path(folder) / "attnmod_defaults.json" if folder else None
     if path is not None and path.is_file():
         defaults.update(json.loads(path.read_text()))

@@ -143,3 +143,49 @@ def test_bad_transfer_options(sd):
             TransferOptions(**{**SMALL, **bad})
     with pytest.raises(ValueError, match="resize it first"):
         transfer(sd, a, a.resize((16, 16)), TransferOptions(**SMALL))
+
+
+def test_transfer_cli_writes_the_set_and_remakes_it(tmp_path, capsys):
+    from PIL import Image
+
+    from attnmod.cli import main
+    from attnmod.recipe import Recipe
+    from attnmod.tiny import tiny_sd15
+
+    pipe = tiny_sd15()
+    pipe.set_progress_bar_config(disable=True)
+    image(pipe, "a red cat", 0).save(tmp_path / "s.png")
+    image(pipe, "a blue dog", 1).save(tmp_path / "a.png")
+    out = tmp_path / "t"
+    fast = ["--option", "steps=16", "--option", "skip=2", "--option", "segments=3"]
+    assert main(["transfer", "--model", "tiny", "--structure", str(tmp_path / "s.png"), "--appearance",
+                 str(tmp_path / "a.png"), "--noun", "cat", *fast, "--out", str(out)]) == 0
+    assert "side-by-side.png (structure | appearance | output)" in capsys.readouterr().out
+    assert all((out / n).exists() for n in ("output.png", "structure.png", "appearance.png", "side-by-side.png"))
+    import json
+
+    info = json.loads(Image.open(out / "output.png").text["attnmod_transfer"])
+    assert info["options"]["steps"] == 16 and info["options"]["noun"] == "cat" and info["image"] == "output"
+    assert Recipe.from_png(out / "output.png").prompt == "a photo of a cat"
+    again = tmp_path / "again"
+    assert main(["transfer", "--recipe", str(out / "output.png"), "--out", str(again)]) == 0
+    for name in ("output.png", "structure.png", "appearance.png"):
+        assert np.array_equal(np.asarray(Image.open(out / name)), np.asarray(Image.open(again / name))), name
+    Image.new("RGB", (48, 48)).save(tmp_path / "big.png")
+    (tmp_path / "junk.png").write_bytes(b"not an image")
+    for args, says in ((["--structure", str(tmp_path / "nope.png")], "--structure"),
+                       (["--structure", str(tmp_path / "junk.png")], "cannot read the image"),
+                       (["--structure", str(tmp_path / "big.png")], "is 48x48; this model makes 32x32 images"),
+                       (["--option", "colour=1"], "bad option 'colour=1'"),
+                       (["--noun", "cat", "--prompt", "a red dog"], "noun 'cat' is not in the prompt 'a red dog'")):
+        argv = ["transfer", "--model", "tiny", "--structure", str(tmp_path / "s.png"), "--appearance",
+                str(tmp_path / "a.png"), *fast, "--out", str(tmp_path / "bad")]
+        flag = args[0]
+        if flag in argv:  # replace the value of a flag given twice
+            i = argv.index(flag)
+            argv[i + 1] = args[1]
+            args = args[2:]
+        assert main([*argv[:-2], *args, *argv[-2:]]) == 2, args
+        err = capsys.readouterr().err
+        assert says in err and err.count("\n") == 1, err
+    assert not (tmp_path / "bad").exists()
