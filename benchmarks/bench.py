@@ -15,6 +15,8 @@
    AttnMod (every block modified) vs attention-map capture on every block vs StyleAligned sharing, each
    in a fresh process at a resolution where activations matter (CPU: resident set size with the peak
    counter reset after loading; CUDA: peak allocated).
+5. Cross-Image Attention: UNet calls, image evaluations (batch rows) and seconds of one transfer (both
+   inversions included) against one plain generation on the embedded model; its peak memory is a row of 4.
 """
 
 from __future__ import annotations
@@ -135,6 +137,38 @@ def scan_throughput(pipe, base: Recipe, starts: int, rates: int, batch: int, dev
     return n, 60 * n / naive, 60 * n / batched
 
 
+def transfer_cost(pipe, recipe: Recipe, device, quick: bool) -> dict:
+    """UNet calls, image rows and seconds: one transfer (inversions included) vs one plain generation."""
+    from dataclasses import replace
+
+    from attnmod.generate import render
+    from attnmod.recipe import to_pil
+    from attnmod.transfer import TransferOptions, transfer
+
+    inputs = [to_pil(x) for x in render(pipe, [recipe, replace(recipe, seed=1)])]
+    options = TransferOptions(prompt="", adain="plain", **({"steps": 20, "skip": 6} if quick else {}))
+    counts = {}
+
+    def measure(name, fn):
+        calls = {"calls": 0, "rows": 0}
+
+        def count(module, args, kwargs):
+            calls["calls"] += 1
+            calls["rows"] += (args[0] if args else kwargs["sample"]).shape[0]
+
+        handle = pipe.unet.register_forward_pre_hook(count, with_kwargs=True)
+        try:
+            calls["seconds"] = timed(fn, device)
+        finally:
+            handle.remove()
+        counts[name] = calls
+
+    measure("plain", lambda: render_stock(pipe, recipe))
+    measure("transfer", lambda: transfer(pipe, inputs[0], inputs[1], options))
+    counts["steps"] = {"plain": recipe.steps, "transfer": f"{options.steps} (last {options.steps - options.skip} run)"}
+    return counts
+
+
 def strategy_cost(pipe, base: Recipe, blocks: str, device):
     batched = timed(lambda: run_strategy(pipe, base, blocks=blocks), device)
     slow = timed(lambda: run_strategy(pipe, base, blocks=blocks, candidate_batch=1), device)
@@ -159,6 +193,12 @@ def status(field):  # kB -> bytes, from /proc/self/status
         if line.startswith(field + ":"):
             return int(line.split()[1]) * 1024
 
+if condition == "transfer":
+    from attnmod.recipe import to_pil
+    from attnmod.transfer import TransferOptions, transfer
+    inputs = [to_pil(x) for x in render(pipe, [recipe, Recipe(recipe.prompt, seed=1, steps=4, width=side,
+                                                               height=side, guidance=3.0)])]
+
 gc.collect()
 if device.startswith("cuda"):
     torch.cuda.synchronize(); torch.cuda.reset_peak_memory_stats()
@@ -176,6 +216,9 @@ elif condition == "style":
     from attnmod.style_aligned import style_aligned
     with style_aligned(pipe, images=4):
         render(pipe, [recipe] * 4)
+elif condition == "transfer":  # the inputs were made before the peak counter was reset
+    transfer(pipe, inputs[0], inputs[1], TransferOptions(prompt="", steps=10, skip=3, windows=((1, 10), (1, 10)),
+                                                         adain="plain"))
 else:
     render(pipe, [recipe] * 4)
 if device.startswith("cuda"):
@@ -264,12 +307,23 @@ def main(argv=None) -> int:
     results["memory"] = {"side": mem_side}
     plain = None
     for condition, label in (("plain", "plain generation"), ("attnmod", "AttnMod, every block modified"),
-                             ("maps", "attention maps, every block"), ("style", "StyleAligned sharing")):
+                             ("maps", "attention maps, every block"), ("style", "StyleAligned sharing"),
+                             ("transfer", "Cross-Image Attention (one transfer)")):
         base, peak = peak_memory(toy, device, condition, mem_side)
         work = peak - base
         plain = work if plain is None else plain
         results["memory"][label] = {"before": base, "peak": peak}
         print(f"  {label:<34} {work / 2**20:22.1f} MiB   x{work / plain:5.2f}   {peak / 2**20:8.1f} MiB")
+
+    print(f"\n## 5. Cross-Image Attention on '{toy}' at {side}x{side}: one transfer (both DDPM inversions included) "
+          "vs one plain generation")
+    cost = transfer_cost(toy_pipe, toy_recipe, device, quick)
+    results["transfer"] = cost
+    plain_cost = cost["plain"]
+    for name in ("plain", "transfer"):
+        c = cost[name]
+        print(f"  {name:<10} steps {cost['steps'][name]:<16} UNet calls {c['calls']:4d}   image evaluations "
+              f"{c['rows']:5d}   {c['seconds']:7.2f} s   x{c['seconds'] / plain_cost['seconds']:.1f}")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
     return 0
