@@ -1,7 +1,7 @@
 """Cross-Image Attention measured on the embedded toy model: structure kept, appearance taken.
 
-    python benchmarks/transfer_eval.py [--pairs 24] [--seed 0] [--prompt ""] [--variants NAME ...] [--json FILE]
-                                       [--figure PNG]
+    python benchmarks/transfer_eval.py [--pairs 24] [--seed 0] [--prompt ""] [--real] [--variants NAME ...]
+                                       [--json FILE] [--figure PNG]
 
 Each pair: a structure scene and an appearance scene drawn with different object shapes, colours and
 positions and different background colours/patterns ("a large red circle on the left, on a plain white
@@ -13,7 +13,9 @@ classifier of attnmod.toy.evaluate), against the input images as measured the sa
 * appearance taken — the object has the appearance object's colour, the background (dominant border colour) is
   the appearance's, and the histogram intersection of their border colours (pattern and colour together).
 Variants: the structure's own reconstruction (the structure row of the transfer), AdaIN on the latents alone
-(nothing swapped), and Cross-Image Attention with plain (whole-latent) and without AdaIN.
+(nothing swapped), and Cross-Image Attention with plain (whole-latent) AdaIN, without AdaIN, and with the
+contrasted probabilities renormalised. ``--real``: the inputs are the scenes as the dataset module draws them
+(real images the model never made), inverted like any real image.
 """
 
 from __future__ import annotations
@@ -87,6 +89,7 @@ VARIANTS = {
     "AdaIN on latents alone": dict(windows=((0, 0),), adain="plain"),
     "Cross-Image Attention, plain AdaIN": dict(adain="plain"),
     "Cross-Image Attention, no AdaIN": dict(adain="off"),
+    "Cross-Image Attention, plain AdaIN, renormalize": dict(adain="plain", renormalize=True),
 }
 
 
@@ -96,6 +99,8 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--prompt", default="", help="the transfer's prompt (inversion and all rows); default empty")
     ap.add_argument("--variants", nargs="*", help="only these rows (prefixes of their names)")
+    ap.add_argument("--real", action="store_true",
+                    help="real inputs: the scenes drawn by the dataset module (not generated), then inverted")
     ap.add_argument("--json")
     ap.add_argument("--figure", help="write the first 8 pairs: structure, appearance, then one column per variant")
     args = ap.parse_args(argv)
@@ -106,10 +111,13 @@ def main(argv=None) -> int:
     scores = {name: {k: [] for k in ("anchor", "shape", "colour", "bg", "overlap")} for name in variants}
     seconds, rows = [], []
     for k, (s_prompt, a_prompt) in enumerate(make_pairs(args.pairs, args.seed)):
-        with torch.inference_mode():
-            s_img, a_img = (pipe(p, num_inference_steps=d["steps"], guidance_scale=d["guidance"],
-                                 generator=torch.Generator().manual_seed(1000 + 2 * k + i)).images[0]
-                            for i, p in enumerate((s_prompt, a_prompt)))
+        if args.real:
+            s_img, a_img = (Image.fromarray(dataset.render(dataset.parse_caption(p))[0]) for p in (s_prompt, a_prompt))
+        else:
+            with torch.inference_mode():
+                s_img, a_img = (pipe(p, num_inference_steps=d["steps"], guidance_scale=d["guidance"],
+                                     generator=torch.Generator().manual_seed(1000 + 2 * k + i)).images[0]
+                                for i, p in enumerate((s_prompt, a_prompt)))
         s_ref, a_ref = describe(np.asarray(s_img) / 255), describe(np.asarray(a_img) / 255)
         inv_s, inv_a = invert(pipe, s_img, base), invert(pipe, a_img, base)
         row = [np.asarray(s_img) / 255, np.asarray(a_img) / 255]
@@ -127,14 +135,15 @@ def main(argv=None) -> int:
             sc["overlap"].append(float(np.minimum(got["hist"], a_ref["hist"]).sum()))
             row.append(out)
         rows.append(np.concatenate(row, 1))
-    print(f"{args.pairs} pairs, prompt {args.prompt!r}, {base.steps} steps (skip {base.skip}); "
+    print(f"{args.pairs} pairs ({'drawn by the dataset' if args.real else 'generated'}), prompt {args.prompt!r}, "
+          f"{base.steps} steps (skip {base.skip}); "
           f"{np.mean(seconds):.1f} s per transfer on this machine")
-    print(f"{'':38}{'position':>9}{'shape':>7}{'colour':>8}{'bg':>6}{'bg overlap':>12}")
+    print(f"{'':50}{'position':>9}{'shape':>7}{'colour':>8}{'bg':>6}{'bg overlap':>12}")
     table = {}
     for name, sc in scores.items():
         table[name] = {k: float(np.mean(v)) for k, v in sc.items()}
         t = table[name]
-        print(f"{name:38}{t['anchor']:>9.0%}{t['shape']:>7.0%}{t['colour']:>8.0%}{t['bg']:>6.0%}{t['overlap']:>12.2f}")
+        print(f"{name:50}{t['anchor']:>9.0%}{t['shape']:>7.0%}{t['colour']:>8.0%}{t['bg']:>6.0%}{t['overlap']:>12.2f}")
     if args.figure:
         grid = (np.concatenate(rows[:8], 0) * 255).round().clip(0, 255).astype(np.uint8)
         Image.fromarray(grid).resize((grid.shape[1] * 2, grid.shape[0] * 2), Image.NEAREST).save(args.figure)

@@ -189,3 +189,29 @@ def test_transfer_cli_writes_the_set_and_remakes_it(tmp_path, capsys):
         err = capsys.readouterr().err
         assert says in err and err.count("\n") == 1, err
     assert not (tmp_path / "bad").exists()
+
+
+def test_transfer_on_the_embedded_model_takes_the_appearance_background():
+    """A short run of the measured setting (benchmarks/transfer_eval.py): the output's background is the
+    appearance's colour, where the structure's reconstruction keeps its own."""
+    from attnmod import load_pipeline
+    from attnmod.toy import dataset
+    from attnmod.toy.evaluate import _NAMES, label_pixels
+
+    pipe = load_pipeline("toy", device="cpu")
+    structure = dataset.render(dataset.parse_caption(
+        "a large red circle on the left, on a plain white background, flat style"))[0]
+    appearance = dataset.render(dataset.parse_caption(
+        "a large blue square on the right, on a plain yellow background, flat style"))[0]
+    from PIL import Image
+
+    r = transfer(pipe, Image.fromarray(structure), Image.fromarray(appearance),
+                 TransferOptions(prompt="", adain="plain", steps=30, skip=10, windows=((3, 30), (3, 21)),
+                                 adain_steps=(6, 30)))
+
+    def border(image):
+        labels = label_pixels((image * 255).round().astype(np.uint8))
+        edge = np.concatenate([labels[:3].ravel(), labels[-3:].ravel()])
+        return _NAMES[np.bincount(edge[edge >= 0]).argmax()]
+
+    assert border(r.structure) == "white" and border(r.output) == "yellow"
