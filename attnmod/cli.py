@@ -152,6 +152,10 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(p)
     p.add_argument("--structure", help="image whose layout and shapes are kept")
     p.add_argument("--appearance", help="image whose colours, textures and background are taken")
+    for role in ("structure", "appearance"):
+        p.add_argument(f"--{role}-prompt", help=f"generate the {role} image instead (DDPM steps that keep their "
+                                                "noise: no inversion needed)")
+        p.add_argument(f"--{role}-seed", type=guards.seed, default=0, help=f"seed of --{role}-prompt")
     p.add_argument("--noun", help="the object's noun, for the masks of masked AdaIN (default: object)")
     p.add_argument("--prompt", help="prompt of the inversions and the transfer (default: 'a photo of a NOUN'; "
                                     "the embedded model: empty)")
@@ -178,7 +182,7 @@ def _load(args, model: str | None = None):
     args.model = args.model or model or DEFAULT_MODEL
     guards.check_device(args.device)
     if args.model == DEFAULT_MODEL:  # the embedded model's grammar; a trailing full stop is dropped
-        for name in ("prompt", "negative_prompt", "to", "ref_prompt"):
+        for name in ("prompt", "negative_prompt", "to", "ref_prompt", "structure_prompt", "appearance_prompt"):
             value = getattr(args, name, None)
             if isinstance(value, list):
                 setattr(args, name, [_toy_prompt(v) for v in value])
@@ -186,7 +190,8 @@ def _load(args, model: str | None = None):
                 setattr(args, name, _toy_prompt(value))
     pipe = load_pipeline(args.model, device=args.device, dtype=args.dtype, scheduler=args.scheduler,
                          config=args.config)
-    prompts = [getattr(args, n, None) for n in ("prompt", "negative_prompt", "to", "ref_prompt")]
+    prompts = [getattr(args, n, None) for n in ("prompt", "negative_prompt", "to", "ref_prompt", "structure_prompt",
+                                                "appearance_prompt")]
     for prompt in dict.fromkeys(p for v in prompts for p in (v if isinstance(v, list) else [v]) if p):
         warning = guards.check_prompt_length(getattr(pipe, "tokenizer", None), prompt)
         if warning:
@@ -331,7 +336,7 @@ def _read_command_recipe(path: str, command: str):
     elif command == "transfer":
         from .transfer import TransferOptions as Options
 
-        keys, options_key = {"structure": str, "appearance": str, "options": dict}, "options"
+        keys, options_key = {"structure": (str, dict), "appearance": (str, dict), "options": dict}, "options"
     else:
         from .style_aligned import StyleAlignedOptions as Options
 
@@ -597,8 +602,6 @@ def cmd_style(args) -> int:
 
 def _read_image(path: str, flag: str) -> Image.Image:
     """An input image as RGB, or a one-line error naming the flag and the file."""
-    if not path:
-        raise ValueError(f"give {flag} IMAGE")
     try:
         with Image.open(path) as im:
             return im.convert("RGB")
@@ -610,6 +613,7 @@ def cmd_transfer(args) -> int:
     from dataclasses import asdict, fields
     from dataclasses import replace as dc_replace
 
+    from .ddpm_inversion import ddpm_generate
     from .defaults import model_defaults
     from .grid import side_by_side
     from .options import with_settings
@@ -620,10 +624,18 @@ def cmd_transfer(args) -> int:
     info = {}
     if args.recipe:  # remake exactly: inputs, options, model and seed from the PNG
         recipe, info = _read_command_recipe(args.recipe, "transfer")
-        args.structure, args.appearance = info["structure"], info["appearance"]
+        for role in ("structure", "appearance"):
+            given = info[role]
+            setattr(args, role, given if isinstance(given, str) else None)
+            setattr(args, f"{role}_prompt", None if isinstance(given, str) else str(given.get("prompt", "")))
+            setattr(args, f"{role}_seed", 0 if isinstance(given, str) else int(given.get("seed", 0)))
         args.model = _recipe_model(args, recipe)
-    structure = _read_image(args.structure, "--structure")
-    appearance = _read_image(args.appearance, "--appearance")
+    images = {}
+    for role in ("structure", "appearance"):
+        path, prompt = getattr(args, role), getattr(args, f"{role}_prompt")
+        if bool(path) == bool(prompt):
+            raise ValueError(f"give --{role} IMAGE or --{role}-prompt PROMPT (one of them)")
+        images[role] = _read_image(path, f"--{role}") if path else None
     if args.recipe:
         options = TransferOptions(**info["options"])
     else:
@@ -639,19 +651,30 @@ def cmd_transfer(args) -> int:
         flags = {k: v for k, v in (("noun", args.noun), ("prompt", args.prompt)) if v is not None}
         options = dc_replace(options, **{k: v for k, v in model.items() if k not in given}, **flags)
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
-    for name, im in (("--structure", structure), ("--appearance", appearance)):
-        if im.size != (size, size):
-            raise ValueError(f"{name} {getattr(args, name[2:])} is {im.width}x{im.height}; this model makes "
+    for role, im in images.items():
+        if im is not None and im.size != (size, size):
+            raise ValueError(f"--{role} {getattr(args, role)} is {im.width}x{im.height}; this model makes "
                              f"{size}x{size} images: resize it first")
     guards.check_job_size(3 * 2, options.steps, size, size, args.yes)
-    result = transfer(pipe, structure, appearance, options)
+    inputs = {}
+    for role in ("structure", "appearance"):
+        if images[role] is None:  # generated: its own DDPM noise replays it, no inversion
+            images[role], inputs[role] = ddpm_generate(pipe, getattr(args, f"{role}_prompt"),
+                                                       getattr(args, f"{role}_seed"), steps=options.steps,
+                                                       guidance=options.inversion_guidance)
+        else:
+            inputs[role] = images[role]
+    structure, appearance = images["structure"], images["appearance"]
+    result = transfer(pipe, inputs["structure"], inputs["appearance"], options)
     for note in result.notes:
         print(f"note: {note}", file=sys.stderr)
     out = Path(args.out)
     args.size, args.negative_prompt, args.steps, args.guidance = (size, size), "", options.steps, options.swap_guidance
     base = _base_recipe(args, pipe, options.text, options.seed)
-    info = {"structure": str(Path(args.structure).resolve()), "appearance": str(Path(args.appearance).resolve()),
-            "options": asdict(options)}
+    info = {role: (str(Path(getattr(args, role)).resolve()) if getattr(args, role) else
+                   {"prompt": getattr(args, f"{role}_prompt"), "seed": getattr(args, f"{role}_seed")})
+            for role in ("structure", "appearance")}
+    info["options"] = asdict(options)
     for name, image in (("output", result.output), ("structure", result.structure),
                         ("appearance", result.appearance)):
         save_png(image, out / f"{name}.png", base, extra={"attnmod_transfer": {**info, "image": name}})

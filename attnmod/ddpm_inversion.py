@@ -122,6 +122,33 @@ def ddpm_invert(pipe, image: Image.Image, prompt: str = "", steps: int = 100, gu
     return DDPMInversion(xts, noise, scheduler.timesteps.clone(), prompt, guidance)
 
 
+@torch.no_grad()
+def ddpm_generate(pipe, prompt: str, seed: int = 0, steps: int = 100, guidance: float = 3.5,
+                  **pipe_kwargs) -> tuple[Image.Image, DDPMInversion]:
+    """Generate an image with DDPM steps and keep its latents and noise maps: a ``DDPMInversion`` of it
+    without inverting anything (replaying it with the same prompt and guidance gives the image again)."""
+    generator = torch.Generator().manual_seed(seed)
+    latents: list[torch.Tensor] = []
+
+    def keep(pipeline, i, t, kwargs):
+        latents.append(kwargs["latents"][0].detach().clone())
+        return {}
+
+    with replay_noise(pipe, [None], generator=generator) as scheduler, torch.inference_mode():
+        x_t = pipe.prepare_latents(1, pipe.unet.config.in_channels, *_size(pipe, pipe_kwargs), pipe.unet.dtype,
+                                   pipe.unet.device, generator)
+        image = pipe(prompt, latents=x_t, num_inference_steps=steps, guidance_scale=guidance,
+                     callback_on_step_end=keep, **pipe_kwargs).images[0]
+    noise = torch.stack([z[0] for z in scheduler.drawn])
+    inv = DDPMInversion(torch.stack([x_t[0].clone(), *latents]), noise, scheduler.timesteps.clone(), prompt, guidance)
+    return image, inv
+
+
+def _size(pipe, kwargs) -> tuple[int, int]:
+    side = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    return kwargs.get("height") or side, kwargs.get("width") or side
+
+
 class NoiseReplayScheduler:
     """A DDPM scheduler (DDIM, η = 1) for a stock pipeline whose steps use stored noise maps, one per batch row.
 
@@ -137,12 +164,14 @@ class NoiseReplayScheduler:
         self.skip = skip
         self.generator = generator
         self.timesteps = None
+        self.drawn: list[torch.Tensor] = []  # the noise of every step taken, (rows, C, h, w) each
 
     def __getattr__(self, name):  # config, init_noise_sigma, scale_model_input, order, ...
         return getattr(self.__dict__["_inner"], name)
 
     def set_timesteps(self, num_inference_steps: int, device=None, **kwargs) -> None:
         self._inner.set_timesteps(num_inference_steps, device=device)
+        self.drawn = []
         if self.skip >= len(self._inner.timesteps):
             raise ValueError(f"cannot skip {self.skip} of {len(self._inner.timesteps)} steps")
         self.timesteps = self._inner.timesteps[self.skip :]
@@ -160,6 +189,7 @@ class NoiseReplayScheduler:
                     raise ValueError(f"row {row} has {len(stored)} noise maps; step {index} needs one more")
                 rows.append(stored[index].float().cpu())
         z = torch.stack(rows).to(sample.device, sample.dtype)
+        self.drawn.append(z)
         prev, x0 = ddpm_step(self._inner, model_output, timestep, sample, z)
         return DDIMSchedulerOutput(prev_sample=prev, pred_original_sample=x0) if return_dict else (prev,)
 

@@ -107,3 +107,15 @@ def test_bad_replays(toy):
     assert type(toy.scheduler).__name__ == "DDIMScheduler"
     with pytest.raises(ValueError, match="resize it first"):
         ddpm_invert(toy, Image.new("RGB", (32, 32)), PROMPT, steps=4)
+
+
+def test_a_generated_image_keeps_its_noise_and_needs_no_inversion(toy):
+    from attnmod.ddpm_inversion import ddpm_generate
+
+    image, inv = ddpm_generate(toy, PROMPT, seed=3, steps=12, guidance=3.0, output_type="np")
+    assert inv.latents.shape[0] == 13 and inv.noise.shape[0] == 12 and inv.noise[-1].abs().max() > 0
+    again = replay(toy, inv, 12, 3.0)
+    assert torch.equal(again[0], inv.latents[-1])  # the same steps with the same noise: bit for bit
+    image2, inv2 = ddpm_generate(toy, PROMPT, seed=3, steps=12, guidance=3.0, output_type="np")
+    assert np.array_equal(image, image2) and torch.equal(inv.noise, inv2.noise)  # reproducible from the seed
+    assert type(toy.scheduler).__name__ == "DDIMScheduler"

@@ -215,3 +215,28 @@ def test_transfer_on_the_embedded_model_takes_the_appearance_background():
         return _NAMES[np.bincount(edge[edge >= 0]).argmax()]
 
     assert border(r.structure) == "white" and border(r.output) == "yellow"
+
+
+def test_transfer_cli_generates_inputs_from_prompts_without_inversion(tmp_path, capsys):
+    import json
+
+    from PIL import Image
+
+    from attnmod.cli import main
+
+    out = tmp_path / "g"
+    fast = ["--option", "steps=16", "--option", "skip=2"]
+    assert main(["transfer", "--model", "tiny", "--structure-prompt", "a red cat", "--structure-seed", "3",
+                 "--appearance-prompt", "a blue dog", "--noun", "cat", *fast, "--out", str(out)]) == 0
+    info = json.loads(Image.open(out / "output.png").text["attnmod_transfer"])
+    assert info["structure"] == {"prompt": "a red cat", "seed": 3} and info["appearance"]["prompt"] == "a blue dog"
+    again = tmp_path / "again"
+    assert main(["transfer", "--recipe", str(out / "structure.png"), "--out", str(again)]) == 0
+    for name in ("output.png", "structure.png", "appearance.png"):
+        assert np.array_equal(np.asarray(Image.open(out / name)), np.asarray(Image.open(again / name))), name
+    capsys.readouterr()
+    for args in (["--appearance-prompt", "a blue dog"],
+                 ["--structure", str(out / "output.png"), "--structure-prompt", "a red cat",
+                  "--appearance-prompt", "a blue dog"]):
+        assert main(["transfer", "--model", "tiny", *args, "--out", str(tmp_path / "bad")]) == 2
+        assert "give --structure IMAGE or --structure-prompt PROMPT (one of them)" in capsys.readouterr().err
