@@ -103,3 +103,54 @@ def self_segmentation(maps: AttentionMaps, k: int = 4, image: int = 0, seed: int
     legend = [sorted(((word, float(scores[seg, j])) for j, (_, word) in enumerate(candidates)), key=lambda ws: -ws[1])
               for seg in range(k)]
     return Segmentation(labels.view(h, w), legend)
+
+
+def object_mask(maps: AttentionMaps, word: str, image: int = 0, threshold: float = 0.3, k: int | None = None,
+                seed: int = 0) -> torch.Tensor:
+    """(H, W) bool mask of ``word``'s object at the latent resolution of ``maps.cross`` (e.g. for masked AdaIN).
+
+    The word's cross-attention map (all its tokens summed) is scaled to [0, 1] over the image. ``k=None``:
+    the patches where it exceeds ``threshold``. ``k``: the self-attention is clustered into ``k`` segments
+    (as ``self_segmentation``, scaled to the latent's grid) and the mask is the union of the segments whose
+    mean scaled word map exceeds ``threshold``, and always the segment with the highest mean, so its
+    borders follow the self-attention. Never empty: the word map's peak is always in (a flat map keeps
+    every patch).
+
+    Unlike "the segments of ``self_segmentation`` labelled with the word", this does not depend on which
+    other words compete for a segment's label, and it does not fail on patterned backgrounds, where the
+    segments follow the pattern. On the toy model's mixed prompts (benchmarks/segment_eval.py, 16x16
+    maps of "D0*+U3*") ``k=None`` at 0.3 gives object IoU 0.67 / 0.65 on two draws (patch-grid ceiling
+    0.73 / 0.72), against 0.16-0.20 for the labelled segments (empty in 60-70% of images) and 0.46-0.55
+    with only the nouns as labels; ``k=8`` gives 0.65 / 0.59.
+    """
+    H, W = maps.cross.shape[1:3]
+    m = maps.cross[image][..., maps.token_index(word, image)].sum(-1).float()  # (H, W)
+    m = (m - m.min()) / (m.max() - m.min() + 1e-8)
+    if k is None:
+        return m > min(threshold, float(m.max()) - 1e-6)  # (H, W); the peak is always in
+    seg = self_segmentation(maps, k=k, image=image, seed=seed, words=[word])
+    labels = F.interpolate(seg.labels[None, None].float(), size=(H, W), mode="nearest")[0, 0].long()  # (H, W)
+    member = F.one_hot(labels.flatten(), k).float()  # (H*W, k)
+    mean = (member.T @ m.flatten()) / member.sum(0).clamp(min=1)  # (k,) mean word map per segment
+    keep = (mean > threshold) | (mean == mean.max())  # (k,)
+    return keep[labels]  # (H, W)
+
+
+def reference_object_mask(maps: AttentionMaps, word: str, image: int = 0, k: int = 5, seed: int = 0) -> torch.Tensor:
+    """(H, W) bool mask of ``word``'s object by the rule of Cross-Image Attention's reference code (from Prompt
+    Mixing): ``k`` self-attention segments; a segment is the word's where its mean word map, scaled as
+    (m − |min m|) / max m, exceeds 1.4 × the mean of the other segments' means (the highest left out).
+    May be empty (the reference then returns NaN images; callers fall back). At ``maps.cross``'s resolution."""
+    H, W = maps.cross.shape[1:3]
+    m = maps.cross[image][..., maps.token_index(word, image)].sum(-1).float()  # (H, W)
+    m = (m - m.min().abs()) / m.max().clamp_min(1e-12)
+    seg = self_segmentation(maps, k=k, image=image, seed=seed, words=[word])
+    labels = F.interpolate(seg.labels[None, None].float(), size=(H, W), mode="nearest")[0, 0].long()  # (H, W)
+    member = F.one_hot(labels.flatten(), k).float()  # (H*W, k)
+    present = member.sum(0) > 0
+    mean = (member.T @ m.flatten()) / member.sum(0).clamp(min=1)  # (k,) mean word map per segment
+    scores = mean[present]
+    rest = scores.sort().values[:-1]
+    threshold = 1.4 * float(rest.mean()) if len(rest) else float("-inf")
+    keep = (mean > threshold) & present  # (k,)
+    return keep[labels]  # (H, W)

@@ -240,3 +240,26 @@ def test_transfer_cli_generates_inputs_from_prompts_without_inversion(tmp_path, 
                   "--appearance-prompt", "a blue dog"]):
         assert main(["transfer", "--model", "tiny", *args, "--out", str(tmp_path / "bad")]) == 2
         assert "give --structure IMAGE or --structure-prompt PROMPT (one of them)" in capsys.readouterr().err
+
+
+def test_reference_object_mask_rule_on_hand_made_maps():
+    """Segments whose mean word map, scaled (m - |min|) / max, exceeds 1.4x the mean of the other segments' means
+    (the highest left out) are the object's: means 1.0 (centre), 0.3 (top row), 0.2 (bottom row), 0 (the rest)
+    give the threshold 1.4 * (0.3 + 0.2 + 0) / 3 = 0.233, so the centre and the top row."""
+    from attnmod.maps import AttentionMaps
+    from attnmod.segment import reference_object_mask
+
+    h = w = 4
+    group = torch.zeros(h * w, dtype=torch.long)
+    group[[5, 6, 9, 10]], group[[0, 1, 2, 3]], group[[12, 13, 14, 15]] = 1, 2, 3
+    self_maps = (group[:, None] == group[None, :]).float()[None]  # (1, 16, 16): same-group patches attend
+    cross = torch.zeros(1, h, w, 4)  # tokens: <start>, a, cat, <end>
+    cross[0, 1:3, 1:3, 2], cross[0, 0, :, 2], cross[0, 3, :, 2] = 1.0, 0.3, 0.2
+    tokens = [["<|startoftext|>", "a</w>", "cat</w>", "<|endoftext|>"]]
+    maps = AttentionMaps(cross, self_maps, (h, w), tokens)
+    mask = reference_object_mask(maps, "cat", k=4)
+    assert mask.view(-1).nonzero().flatten().tolist() == [0, 1, 2, 3, 5, 6, 9, 10]
+    flat = AttentionMaps(torch.ones(1, h, w, 4), self_maps, (h, w), tokens)
+    assert not reference_object_mask(flat, "cat", k=4).any()  # nothing stands out: empty (callers fall back)
+    with pytest.raises(ValueError, match="mask is reference or word"):
+        TransferOptions(mask="colour")
