@@ -263,3 +263,13 @@ def test_reference_object_mask_rule_on_hand_made_maps():
     assert not reference_object_mask(flat, "cat", k=4).any()  # nothing stands out: empty (callers fall back)
     with pytest.raises(ValueError, match="mask is reference or word"):
         TransferOptions(mask="colour")
+
+
+def test_swap_guidance_one_runs_the_swap_pass_alone(sd):
+    """s = 1: no guidance batch at all (the reference uses the swap pass's prediction alone); the swap still acts."""
+    a, b = image(sd, "a red cat", 0), image(sd, "a blue dog", 1)
+    one = transfer(sd, a, b, TransferOptions(**{**SMALL, "adain": "off", "swap_guidance": 1.0}))
+    neutral = transfer(sd, a, b, TransferOptions(**{**SMALL, "adain": "off", "swap_guidance": 1.0,
+                                                    "windows": ((0, 0),)}))
+    assert np.abs(neutral.output - neutral.structure).max() < 1e-5
+    assert np.abs(one.output - neutral.output).mean() > 1e-3
