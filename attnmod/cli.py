@@ -178,11 +178,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_PROMPT_ARGS = ("prompt", "negative_prompt", "to", "ref_prompt", "structure_prompt", "appearance_prompt")
+
+
 def _load(args, model: str | None = None):
     args.model = args.model or model or DEFAULT_MODEL
     guards.check_device(args.device)
     if args.model == DEFAULT_MODEL:  # the embedded model's grammar; a trailing full stop is dropped
-        for name in ("prompt", "negative_prompt", "to", "ref_prompt", "structure_prompt", "appearance_prompt"):
+        for name in _PROMPT_ARGS:
             value = getattr(args, name, None)
             if isinstance(value, list):
                 setattr(args, name, [_toy_prompt(v) for v in value])
@@ -190,8 +193,7 @@ def _load(args, model: str | None = None):
                 setattr(args, name, _toy_prompt(value))
     pipe = load_pipeline(args.model, device=args.device, dtype=args.dtype, scheduler=args.scheduler,
                          config=args.config)
-    prompts = [getattr(args, n, None) for n in ("prompt", "negative_prompt", "to", "ref_prompt", "structure_prompt",
-                                                "appearance_prompt")]
+    prompts = [getattr(args, n, None) for n in _PROMPT_ARGS]
     for prompt in dict.fromkeys(p for v in prompts for p in (v if isinstance(v, list) else [v]) if p):
         warning = guards.check_prompt_length(getattr(pipe, "tokenizer", None), prompt)
         if warning:

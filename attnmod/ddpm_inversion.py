@@ -49,7 +49,7 @@ def ddpm_scheduler(pipe) -> DDIMScheduler:
 def noisy_latents(scheduler, x0: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """x_t = √ᾱ_t x_0 + √(1 − ᾱ_t) ε_t for every timestep, each ε_t drawn on its own. x0: (1, C, h, w) ->
     (T + 1, C, h, w) in sampling order, the clean latent last."""
-    abar = scheduler.alphas_cumprod.to(x0.device, torch.float32)[scheduler.timesteps.long().cpu()].to(x0.device)
+    abar = scheduler.alphas_cumprod[scheduler.timesteps.long().cpu()].to(x0.device, torch.float32)  # (T,)
     eps = torch.randn((len(abar), *x0.shape[1:]), generator=generator, dtype=torch.float32).to(x0.device)
     xts = abar.sqrt()[:, None, None, None] * x0.float() + (1 - abar).sqrt()[:, None, None, None] * eps
     return torch.cat([xts, x0.float()]).to(x0.dtype)
@@ -182,13 +182,14 @@ class NoiseReplayScheduler:
         rows = []
         for row in range(sample.shape[0]):
             stored = self.noise[row] if row < len(self.noise) else None
-            if stored is None:
-                rows.append(torch.randn(sample.shape[1:], generator=self.generator, dtype=torch.float32))
+            if stored is None:  # drawn on the CPU, so the generator's seed means the same on every device
+                z = torch.randn(sample.shape[1:], generator=self.generator, dtype=torch.float32)
+            elif index >= len(stored):
+                raise ValueError(f"row {row} has {len(stored)} noise maps; step {index} needs one more")
             else:
-                if index >= len(stored):
-                    raise ValueError(f"row {row} has {len(stored)} noise maps; step {index} needs one more")
-                rows.append(stored[index].float().cpu())
-        z = torch.stack(rows).to(sample.device, sample.dtype)
+                z = stored[index]
+            rows.append(z.to(sample.device, sample.dtype))
+        z = torch.stack(rows)
         self.drawn.append(z)
         prev, x0 = ddpm_step(self._inner, model_output, timestep, sample, z)
         return DDIMSchedulerOutput(prev_sample=prev, pred_original_sample=x0) if return_dict else (prev,)

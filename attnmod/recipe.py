@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, PngImagePlugin
 
+from .guards import SEED_MAX
 from .schedule import Schedule
 
 RECIPE_VERSION = 1
@@ -178,7 +179,7 @@ def _check_recipe_dict(d) -> None:
         for name in names:
             if name in d and not ok(d[name]):
                 raise ValueError(f"recipe field {name} must be {kind}, got {_show(d[name])}")
-    if not 0 <= d.get("seed", 0) < 2**64:  # what torch.Generator.manual_seed takes
+    if not 0 <= d.get("seed", 0) <= SEED_MAX:
         raise ValueError(f"recipe field seed must be from 0 to 2**64 - 1, got {d['seed']}")
 
 

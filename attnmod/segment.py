@@ -105,6 +105,23 @@ def self_segmentation(maps: AttentionMaps, k: int = 4, image: int = 0, seed: int
     return Segmentation(labels.view(h, w), legend)
 
 
+def _word_map(maps: AttentionMaps, word: str, image: int) -> torch.Tensor:
+    """(H, W) cross-attention of ``word`` (all its tokens summed) at the latent resolution."""
+    return maps.cross[image][..., maps.token_index(word, image)].sum(-1).float()
+
+
+def _segment_means(maps: AttentionMaps, word: str, values: torch.Tensor, image: int, k: int,
+                   seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``self_segmentation``'s k segments on the latent grid, and the mean of ``values`` (H, W) in each.
+    -> labels (H, W), means (k,), present (k,) (segments with at least one patch)."""
+    H, W = values.shape
+    seg = self_segmentation(maps, k=k, image=image, seed=seed, words=[word])
+    labels = F.interpolate(seg.labels[None, None].float(), size=(H, W), mode="nearest")[0, 0].long()  # (H, W)
+    member = F.one_hot(labels.flatten(), k).float()  # (H*W, k)
+    means = (member.T @ values.flatten()) / member.sum(0).clamp(min=1)  # (k,)
+    return labels, means, member.sum(0) > 0
+
+
 def object_mask(maps: AttentionMaps, word: str, image: int = 0, threshold: float = 0.3, k: int | None = None,
                 seed: int = 0) -> torch.Tensor:
     """(H, W) bool mask of ``word``'s object at the latent resolution of ``maps.cross`` (e.g. for masked AdaIN).
@@ -123,16 +140,12 @@ def object_mask(maps: AttentionMaps, word: str, image: int = 0, threshold: float
     0.73 / 0.72), against 0.16-0.20 for the labelled segments (empty in 60-70% of images) and 0.46-0.55
     with only the nouns as labels; ``k=8`` gives 0.65 / 0.59.
     """
-    H, W = maps.cross.shape[1:3]
-    m = maps.cross[image][..., maps.token_index(word, image)].sum(-1).float()  # (H, W)
+    m = _word_map(maps, word, image)
     m = (m - m.min()) / (m.max() - m.min() + 1e-8)
     if k is None:
         return m > min(threshold, float(m.max()) - 1e-6)  # (H, W); the peak is always in
-    seg = self_segmentation(maps, k=k, image=image, seed=seed, words=[word])
-    labels = F.interpolate(seg.labels[None, None].float(), size=(H, W), mode="nearest")[0, 0].long()  # (H, W)
-    member = F.one_hot(labels.flatten(), k).float()  # (H*W, k)
-    mean = (member.T @ m.flatten()) / member.sum(0).clamp(min=1)  # (k,) mean word map per segment
-    keep = (mean > threshold) | (mean == mean.max())  # (k,)
+    labels, means, _ = _segment_means(maps, word, m, image, k, seed)
+    keep = (means > threshold) | (means == means.max())  # (k,)
     return keep[labels]  # (H, W)
 
 
@@ -141,16 +154,9 @@ def reference_object_mask(maps: AttentionMaps, word: str, image: int = 0, k: int
     Mixing): ``k`` self-attention segments; a segment is the word's where its mean word map, scaled as
     (m − |min m|) / max m, exceeds 1.4 × the mean of the other segments' means (the highest left out).
     May be empty (the reference then returns NaN images; callers fall back). At ``maps.cross``'s resolution."""
-    H, W = maps.cross.shape[1:3]
-    m = maps.cross[image][..., maps.token_index(word, image)].sum(-1).float()  # (H, W)
+    m = _word_map(maps, word, image)
     m = (m - m.min().abs()) / m.max().clamp_min(1e-12)
-    seg = self_segmentation(maps, k=k, image=image, seed=seed, words=[word])
-    labels = F.interpolate(seg.labels[None, None].float(), size=(H, W), mode="nearest")[0, 0].long()  # (H, W)
-    member = F.one_hot(labels.flatten(), k).float()  # (H*W, k)
-    present = member.sum(0) > 0
-    mean = (member.T @ m.flatten()) / member.sum(0).clamp(min=1)  # (k,) mean word map per segment
-    scores = mean[present]
-    rest = scores.sort().values[:-1]
+    labels, means, present = _segment_means(maps, word, m, image, k, seed)
+    rest = means[present].sort().values[:-1]
     threshold = 1.4 * float(rest.mean()) if len(rest) else float("-inf")
-    keep = (mean > threshold) & present  # (k,)
-    return keep[labels]  # (H, W)
+    return ((means > threshold) & present)[labels]  # (H, W)

@@ -26,6 +26,7 @@ NaN). The reference rule runs on attnmod's own segmentation and word maps (no nl
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -171,8 +172,7 @@ class CrossImageAttention:
 
     def probs(self, call: AttentionCall, probs: torch.Tensor) -> torch.Tensor:
         out = self._swap_row(probs.shape[0])
-        probs = probs.clone()
-        probs[out] = contrast(probs[out], self.o.contrast, self.o.renormalize)
+        probs[out] = contrast(probs[out], self.o.contrast, self.o.renormalize)  # in place: built for this call only
         return probs
 
 
@@ -216,10 +216,9 @@ def transfer(pipe, structure: Image.Image | DDPMInversion, appearance: Image.Ima
 
     def on_step_end(pipeline, i, timestep, kwargs):
         x = kwargs["latents"]
-        if i + 1 < run:  # the next step's swap guidance; above 1 so the pipeline keeps its two halves
-            pipeline._guidance_scale = max(float(scales[i + 1]), 1.000001) if o.swap_guidance > 1 else 1.0
-        if tracer is not None and i == mask_step:
-            tracer.__exit__(None, None, None)
+        if o.swap_guidance > 1 and i + 1 < run:  # the next step's scale; above 1 so the pipeline keeps two halves
+            pipeline._guidance_scale = max(float(scales[i + 1]), 1.000001)
+        if tracer is not None and i == mask_step:  # the tracer captured this step's maps only
             _masks(tracer, o, x, result)
         if o.adain != "off" and o.adain_steps[0] <= i < o.adain_steps[1]:
             masks = (result.masks.get("structure"), result.masks.get("appearance"))
@@ -230,17 +229,13 @@ def transfer(pipe, structure: Image.Image | DDPMInversion, appearance: Image.Ima
     try:
         with replay_noise(pipe, noise, skip=o.skip), \
                 explicit_attention(pipe.unet, dict.fromkeys(layers, hooks.probs), dict.fromkeys(layers, hooks.qkv),
-                                   wants=hooks.swaps):
-            if tracer is not None:
-                tracer.__enter__()
-            with torch.inference_mode():
-                images = pipe([o.text] * 3, negative_prompt=[o.text] * 3 if o.swap_guidance > 1 else None,
-                              latents=latents.to(pipe.unet.device, pipe.unet.dtype), num_inference_steps=o.steps,
-                              guidance_scale=float(scales[0]) if o.swap_guidance > 1 else 1.0, output_type="np",
-                              callback_on_step_end=on_step_end).images
+                                   wants=hooks.swaps), \
+                tracer if tracer is not None else nullcontext(), torch.inference_mode():
+            images = pipe([o.text] * 3, negative_prompt=[o.text] * 3 if o.swap_guidance > 1 else None,
+                          latents=latents.to(pipe.unet.device, pipe.unet.dtype), num_inference_steps=o.steps,
+                          guidance_scale=float(scales[0]) if o.swap_guidance > 1 else 1.0, output_type="np",
+                          callback_on_step_end=on_step_end).images
     finally:
-        if tracer is not None and tracer._explicit is not None:
-            tracer.__exit__(None, None, None)
         handle.remove()
     images = np.asarray(images, dtype=np.float32)
     if not finite(images).all():
@@ -271,8 +266,7 @@ def _masks(tracer: trace, o: TransferOptions, latents: torch.Tensor, result: Tra
                 else object_mask(maps, o.noun, row)).float()  # (H, W) at the latent's resolution
         if mask.sum() < 2:
             result.notes.append(f"no segment of the {name} image was labelled {o.noun!r}: AdaIN over the whole latent")
-            mask = None
-        if mask is not None:
+        else:
             result.masks[name] = mask.to(latents.device)
     if len(result.masks) < 2:  # both masks or none
         result.masks.clear()

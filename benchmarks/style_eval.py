@@ -31,14 +31,13 @@ from attnmod import load_pipeline  # noqa: E402
 from attnmod.defaults import model_defaults  # noqa: E402
 from attnmod.style_aligned import StyleAlignedOptions, style_aligned  # noqa: E402
 from attnmod.toy import dataset  # noqa: E402
-from attnmod.toy.evaluate import classify_shape, components, dominant_color, label_pixels  # noqa: E402
-
-
-def background(labels: np.ndarray) -> tuple[int, np.ndarray]:
-    border = np.concatenate([labels[:3].ravel(), labels[-3:].ravel(), labels[:, :3].ravel(), labels[:, -3:].ravel()])
-    border = border[border >= 0]
-    hist = np.bincount(border, minlength=8)[:8].astype(float)
-    return (int(hist.argmax()) if hist.sum() else -1), hist / max(hist.sum(), 1)
+from attnmod.toy.evaluate import (  # noqa: E402
+    border_colours,
+    classify_shape,
+    components,
+    dominant_color,
+    label_pixels,
+)
 
 
 def make_sets(n: int, seed: int = 0):
@@ -71,9 +70,9 @@ def measure(pipe, sets, steps, guidance, options: StyleAlignedOptions | None):
                     images = pipe(prompts, num_inference_steps=steps, guidance_scale=guidance, generator=gens,
                                   output_type="np").images
         labels = [label_pixels((im * 255).round().astype(np.uint8)) for im in images]
-        ref_bg, ref_hist = background(labels[0])
+        ref_bg, ref_hist = border_colours(labels[0])
         for (_, color, shape), lab in zip(targets, labels[1:], strict=True):
-            bg, hist = background(lab)
+            bg, hist = border_colours(lab)
             agree.append(bg == ref_bg)
             overlap.append(float(np.minimum(hist, ref_hist).sum()))
             comps = components(lab != bg)

@@ -39,7 +39,7 @@ from attnmod import load_pipeline  # noqa: E402
 from attnmod.defaults import model_defaults  # noqa: E402
 from attnmod.toy import dataset  # noqa: E402
 from attnmod.toy.evaluate import (  # noqa: E402
-    _NAMES,
+    border_colours,
     classify_shape,
     components,
     dominant_color,
@@ -49,17 +49,10 @@ from attnmod.toy.evaluate import (  # noqa: E402
 from attnmod.transfer import TransferOptions, invert, transfer  # noqa: E402
 
 
-def background(labels: np.ndarray) -> tuple[int, np.ndarray]:
-    border = np.concatenate([labels[:3].ravel(), labels[-3:].ravel(), labels[:, :3].ravel(), labels[:, -3:].ravel()])
-    border = border[border >= 0]
-    hist = np.bincount(border, minlength=len(_NAMES))[: len(_NAMES)].astype(float)
-    return (int(hist.argmax()) if hist.sum() else -1), hist / max(hist.sum(), 1)
-
-
 def describe(image: np.ndarray) -> dict:
     """What the measures compare: object anchor, shape and colour; background colour and border histogram."""
     labels = label_pixels((np.clip(image, 0, 1) * 255).round().astype(np.uint8))
-    bg, hist = background(labels)
+    bg, hist = border_colours(labels)
     comps = components(labels != bg)
     obj = comps[0] if comps else None
     return {"anchor": nearest_anchor(obj) if obj is not None else None,

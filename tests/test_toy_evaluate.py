@@ -76,3 +76,12 @@ def test_colour_amount_projects_pixels_from_the_background_onto_the_colour():
     assert abs(colour_amount(half, "red") - 0.5) < 1e-5
     cyan = np.broadcast_to(np.array(dataset.COLORS["cyan"], dtype=np.float32) / 255, (4, 4, 3))
     assert 0 < colour_amount(cyan, "red") < 0.2  # another colour counts only by its overlap with red's direction
+
+
+def test_border_colours_reads_the_background_from_the_image_edge():
+    labels = np.full((16, 16), 2)  # yellow everywhere
+    labels[5:11, 5:11] = 0  # a red object inside
+    labels[0, :4] = -1  # outline pixels are left out
+    index, hist = evaluate.border_colours(labels)
+    assert index == 2 and hist[2] == 1.0 and hist.sum() == 1.0
+    assert evaluate.border_colours(np.full((8, 8), -1))[0] == -1

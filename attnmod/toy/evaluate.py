@@ -145,6 +145,16 @@ def colour_amount(image: np.ndarray, color: str, background: str = "white") -> f
     return float(np.clip((image - bg) @ direction / (direction @ direction), 0, None).mean())
 
 
+def border_colours(labels: np.ndarray, width: int = 3) -> tuple[int, np.ndarray]:
+    """The background as the image's border shows it: (dominant palette index or -1, histogram of the border's
+    palette indices, summing to 1). labels: (H, W) from ``label_pixels``."""
+    border = np.concatenate([labels[:width].ravel(), labels[-width:].ravel(), labels[:, :width].ravel(),
+                             labels[:, -width:].ravel()])
+    border = border[border >= 0]
+    hist = np.bincount(border, minlength=len(_NAMES))[: len(_NAMES)].astype(float)
+    return (int(hist.argmax()) if hist.sum() else -1), hist / max(hist.sum(), 1)
+
+
 def dominant_color(labels: np.ndarray, mask: np.ndarray) -> str | None:
     vals = labels[mask]
     vals = vals[vals >= 0]
