@@ -332,15 +332,15 @@ def _read_command_recipe(path: str, command: str):
     if text is None:
         raise ValueError(f"{path} was not written by attnmod {command} (no {chunk} text chunk)")
     if command == "edit":
-        from .p2p import EditOptions as Options
+        from .methods.p2p import EditOptions as Options
 
         keys, options_key = {"source": str, "target": str, "mode": str, "options": dict}, "options"
     elif command == "transfer":
-        from .transfer import TransferOptions as Options
+        from .methods.transfer import TransferOptions as Options
 
         keys, options_key = {"structure": (str, dict), "appearance": (str, dict), "options": dict}, "options"
     else:
-        from .style_aligned import StyleAlignedOptions as Options
+        from .methods.style_aligned import StyleAlignedOptions as Options
 
         keys, options_key = {"prompts": list, "index": int, "ref_image": (str, type(None)),
                              "ref_prompt": (str, type(None)), "style_aligned": dict}, "style_aligned"
@@ -510,8 +510,8 @@ def cmd_edit(args) -> int:
     from dataclasses import replace as dc_replace
 
     from .grid import side_by_side
+    from .methods.p2p import EditOptions, edit
     from .options import with_settings
-    from .p2p import EditOptions, edit
     from .recipe import save_png, to_pil, write_image
 
     guards.check_output_dir(args.out)
@@ -554,8 +554,8 @@ def cmd_style(args) -> int:
     from dataclasses import replace as dc_replace
 
     from .grid import side_by_side
+    from .methods.style_aligned import StyleAlignedOptions, generate_style_set
     from .recipe import save_png, to_pil, write_image
-    from .style_aligned import StyleAlignedOptions, generate_style_set
 
     guards.check_output_dir(args.out)
     recipe, info = _read_command_recipe(args.recipe, "style") if args.recipe else (None, {})
@@ -615,12 +615,12 @@ def cmd_transfer(args) -> int:
     from dataclasses import asdict, fields
     from dataclasses import replace as dc_replace
 
-    from .ddpm_inversion import ddpm_generate
     from .defaults import model_defaults
     from .grid import side_by_side
+    from .inversion.ddpm import ddpm_generate
+    from .methods.transfer import TransferOptions, transfer
     from .options import with_settings
     from .recipe import save_png, to_pil, write_image
-    from .transfer import TransferOptions, transfer
 
     guards.check_output_dir(args.out)
     info = {}

@@ -143,8 +143,8 @@ def transfer_cost(pipe, recipe: Recipe, device, quick: bool) -> dict:
     from dataclasses import replace
 
     from attnmod.generate import render
+    from attnmod.methods.transfer import TransferOptions, transfer
     from attnmod.recipe import to_pil
-    from attnmod.transfer import TransferOptions, transfer
 
     inputs = [to_pil(x) for x in render(pipe, [recipe, replace(recipe, seed=1)])]
     options = TransferOptions(prompt="", adain="plain", **({"steps": 20, "skip": 6} if quick else {}))
@@ -196,7 +196,7 @@ def status(field):  # kB -> bytes, from /proc/self/status
 
 if condition == "transfer":
     from attnmod.recipe import to_pil
-    from attnmod.transfer import TransferOptions, transfer
+    from attnmod.methods.transfer import TransferOptions, transfer
     inputs = [to_pil(x) for x in render(pipe, [recipe, Recipe(recipe.prompt, seed=1, steps=4, width=side,
                                                                height=side, guidance=3.0)])]
 
@@ -214,7 +214,7 @@ if condition == "maps":
         render(pipe, [recipe] * 4)
     tc.result(recipe.prompt)
 elif condition == "style":
-    from attnmod.style_aligned import style_aligned
+    from attnmod.methods.style_aligned import style_aligned
     with style_aligned(pipe, images=4):
         render(pipe, [recipe] * 4)
 elif condition == "transfer":  # the inputs were made before the peak counter was reset

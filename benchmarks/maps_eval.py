@@ -44,7 +44,7 @@ from attnmod import Recipe, load_pipeline  # noqa: E402
 from attnmod.defaults import model_defaults  # noqa: E402
 from attnmod.generate import generate  # noqa: E402
 from attnmod.maps import trace  # noqa: E402
-from attnmod.p2p import EditOptions, edit  # noqa: E402
+from attnmod.methods.p2p import EditOptions, edit  # noqa: E402
 from attnmod.segment import self_segmentation  # noqa: E402
 from attnmod.toy import dataset  # noqa: E402
 from attnmod.toy.evaluate import _NAMES, classify_shape, colour_amount, components, label_pixels  # noqa: E402

@@ -29,7 +29,7 @@ import torch  # noqa: E402
 
 from attnmod import load_pipeline  # noqa: E402
 from attnmod.defaults import model_defaults  # noqa: E402
-from attnmod.style_aligned import StyleAlignedOptions, style_aligned  # noqa: E402
+from attnmod.methods.style_aligned import StyleAlignedOptions, style_aligned  # noqa: E402
 from attnmod.toy import dataset  # noqa: E402
 from attnmod.toy.evaluate import (  # noqa: E402
     border_colours,

@@ -37,6 +37,7 @@ from PIL import Image  # noqa: E402
 
 from attnmod import load_pipeline  # noqa: E402
 from attnmod.defaults import model_defaults  # noqa: E402
+from attnmod.methods.transfer import TransferOptions, invert, transfer  # noqa: E402
 from attnmod.toy import dataset  # noqa: E402
 from attnmod.toy.evaluate import (  # noqa: E402
     border_colours,
@@ -46,7 +47,6 @@ from attnmod.toy.evaluate import (  # noqa: E402
     label_pixels,
     nearest_anchor,
 )
-from attnmod.transfer import TransferOptions, invert, transfer  # noqa: E402
 
 
 def describe(image: np.ndarray) -> dict:

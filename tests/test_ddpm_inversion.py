@@ -4,8 +4,8 @@ import torch
 from PIL import Image
 
 from attnmod import load_pipeline
-from attnmod.ddpm_inversion import ddpm_invert, ddpm_scheduler, ddpm_step, replay_noise, step_std
-from attnmod.inversion import encode_image
+from attnmod.inversion.ddim import encode_image
+from attnmod.inversion.ddpm import ddpm_invert, ddpm_scheduler, ddpm_step, replay_noise, step_std
 
 PROMPT = "a large red circle in the center, on a striped blue background, flat style"
 
@@ -110,7 +110,7 @@ def test_bad_replays(toy):
 
 
 def test_a_generated_image_keeps_its_noise_and_needs_no_inversion(toy):
-    from attnmod.ddpm_inversion import ddpm_generate
+    from attnmod.inversion.ddpm import ddpm_generate
 
     image, inv = ddpm_generate(toy, PROMPT, seed=3, steps=12, guidance=3.0, output_type="np")
     assert inv.latents.shape[0] == 13 and inv.noise.shape[0] == 12 and inv.noise[-1].abs().max() > 0

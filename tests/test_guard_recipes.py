@@ -18,7 +18,7 @@ from attnmod import Recipe, Schedule, Sweep, run_scan
 from attnmod.cli import _read_command_recipe, _read_recipe, main
 from attnmod.influence import block_influence
 from attnmod.lock import LOCK_NAME, folder_lock
-from attnmod.p2p import EditOptions
+from attnmod.methods.p2p import EditOptions
 from attnmod.recipe import atomic_write, current_umask, save_png, write_json
 
 try:

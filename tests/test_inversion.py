@@ -4,8 +4,8 @@ import torch
 from PIL import Image
 
 from attnmod import load_pipeline
-from attnmod.inversion import ddim_invert, encode_image, replay_reference
-from attnmod.style_aligned import style_aligned
+from attnmod.inversion.ddim import ddim_invert, encode_image, replay_reference
+from attnmod.methods.style_aligned import style_aligned
 
 PROMPT = "a large red circle in the center, on a plain white background, flat style"
 STEPS = 20  # the embedded model's default step count
@@ -63,7 +63,7 @@ def test_reference_image_of_the_wrong_size_is_refused_clearly(toy):
 
 @pytest.mark.parametrize("name", ["sd", "sdxl"])
 def test_inversion_uses_the_pipelines_own_conditioning_on_both_topologies(name, request):
-    from attnmod.inversion import unet_conditioning
+    from attnmod.inversion.ddim import unet_conditioning
 
     pipe = request.getfixturevalue(name)
     seen = {}

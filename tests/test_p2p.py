@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from attnmod.attention import AttentionCall
-from attnmod.p2p import (
+from attnmod.methods.p2p import (
     EditOptions,
     PromptToPrompt,
     blend_mask,

@@ -5,7 +5,7 @@ import torch
 from attnmod import Schedule, modify
 from attnmod.attention import AttentionCall
 from attnmod.blocks import short_name
-from attnmod.style_aligned import (
+from attnmod.methods.style_aligned import (
     SharedAttention,
     StyleAlignedOptions,
     adain,
@@ -167,7 +167,7 @@ def test_style_cli_generated_and_real_reference(tmp_path, capsys):
 
 
 def test_options_from_settings():
-    from attnmod.style_aligned import StyleAlignedOptions
+    from attnmod.methods.style_aligned import StyleAlignedOptions
 
     o = StyleAlignedOptions().with_settings(["adain_values=yes", "only-self-level=0.25", "blocks=U*", "reference=1"])
     assert (o.adain_values, o.only_self_level, o.blocks, o.reference) == (True, 0.25, "U*", 1)
@@ -181,7 +181,7 @@ def test_options_from_settings():
 
 
 def test_empty_prompt_list_is_an_error(sd):
-    from attnmod.style_aligned import generate_style_set
+    from attnmod.methods.style_aligned import generate_style_set
 
     with pytest.raises(ValueError, match="at least one prompt"):
         generate_style_set(sd, [])

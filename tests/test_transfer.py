@@ -5,8 +5,8 @@ import torch
 from attnmod import Schedule, modify
 from attnmod.attention import AttentionCall
 from attnmod.blocks import short_name
-from attnmod.ddpm_inversion import ddpm_invert
-from attnmod.transfer import (
+from attnmod.inversion.ddpm import ddpm_invert
+from attnmod.methods.transfer import (
     CrossImageAttention,
     TransferOptions,
     attention_step,

@@ -22,9 +22,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .attention import AttentionCall, explicit_attention
-from .blocks import resolve_blocks
-from .options import with_settings
+from ..attention import AttentionCall, explicit_attention
+from ..blocks import resolve_blocks
+from ..options import with_settings
 
 
 @dataclass(frozen=True)
@@ -201,7 +201,7 @@ def generate_style_set(pipe, prompts: list[str], *, seed: int = 0, steps: int = 
     """
     import numpy as np
 
-    from .inversion import ddim_invert, replay_reference
+    from ..inversion.ddim import ddim_invert, replay_reference
 
     if not prompts:
         raise ValueError("a style set needs at least one prompt")

@@ -26,7 +26,7 @@ from diffusers import DDIMScheduler
 from diffusers.schedulers.scheduling_ddim import DDIMSchedulerOutput
 from PIL import Image
 
-from .inversion import encode_image, unet_conditioning
+from .ddim import encode_image, unet_conditioning
 
 
 @dataclass

@@ -27,11 +27,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .attention import AttentionCall, explicit_attention, token_grid
-from .blocks import downsampling, list_blocks
-from .generate import finite
-from .steps import LoopClock
-from .tokenizer import split_words, word_positions
+from ..attention import AttentionCall, explicit_attention, token_grid
+from ..blocks import downsampling, list_blocks
+from ..generate import finite
+from ..steps import LoopClock
+from ..tokenizer import split_words, word_positions
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,7 @@
     r = transfer(pipe, structure=img_a, appearance=img_b, options=TransferOptions(noun="animal"))
     r.output, r.structure, r.appearance  # (H, W, 3): the transfer and the two reconstructions
 
-Both images are inverted with edit-friendly DDPM inversion (``ddpm_inversion``). A stock pipeline then
+Both images are inverted with edit-friendly DDPM inversion (``inversion.ddpm``). A stock pipeline then
 runs the last T − skip steps on the batch [output, appearance, structure], every row replaying its
 noise maps (the output the structure's, starting from the structure's noisy latent). In the decoder's
 self-attention layers at the two largest resolutions the output row keeps its queries and takes the
@@ -33,13 +33,13 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .attention import AttentionCall, explicit_attention
-from .blocks import downsampling, list_blocks, resolve_blocks
-from .ddpm_inversion import DDPMInversion, ddpm_invert, replay_noise
-from .generate import finite
-from .maps import trace
-from .segment import object_mask, reference_object_mask
-from .steps import LoopClock
+from ..attention import AttentionCall, explicit_attention
+from ..blocks import downsampling, list_blocks, resolve_blocks
+from ..generate import finite
+from ..inversion.ddpm import DDPMInversion, ddpm_invert, replay_noise
+from ..maps import trace
+from ..segment import object_mask, reference_object_mask
+from ..steps import LoopClock
 from .style_aligned import calc_mean_std
 
 OUT, APPEARANCE, STRUCTURE = 0, 1, 2  # rows of the batch, as the reference

@@ -1,0 +1,3 @@
+"""Inversion of real images into a pipeline's latents: ``ddim`` (DDIM inversion, for StyleAligned references)
+and ``ddpm`` (edit-friendly DDPM inversion and its exact replay, for Cross-Image Attention transfer).
+"""
