@@ -105,3 +105,92 @@ def test_decoder_phase_tunes_only_the_decoder(tmp_path):
     assert torch.equal(cache["latents"], torch.load(tmp_path / "w" / "cache-2.pt", weights_only=False)["latents"])
     with pytest.raises(ValueError, match="past the UNet phase"):
         train(replace(base, steps=2, decoder_steps=2), tmp_path / "w", export_to=None, progress=False)
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    """A TINY model trained for a step and exported: what a fine-tune starts from."""
+    root = tmp_path_factory.mktemp("tiny")
+    cfg = TrainConfig(model=TINY, vae_steps=1, vae_batch=2, cache_size=2, steps=1, batch=2, keep_every=0,
+                      decoder_steps=0)
+    train(cfg, root / "w", export_to=root / "model", progress=False)
+    return root / "model"
+
+
+def _finetune_cfg(folder, **kw):
+    from attnmod.toy.train import finetune_config
+
+    base = {"model": TINY, "cache_size": 6, "steps": 3, "batch": 3, "ckpt_every": 1, "export_every": 100,
+            "keep_every": 0, "warmup": 2, "probe_fit_steps": 1}
+    return finetune_config(folder, **{**base, **kw})
+
+
+def test_finetune_resume_is_bit_exact_and_keeps_the_vae(tmp_path, tiny_folder):
+    from safetensors.torch import load_file
+
+    cfg = _finetune_cfg(tiny_folder)
+    logs = []
+    train(cfg, tmp_path / "a", export_to=tmp_path / "export", progress=False, callback=logs.append)
+    assert all(k in logs[-1] for k in ("probe_loss", "grounding_loss"))  # the final phase's losses from step 0
+    train(replace(cfg, steps=1), tmp_path / "b", export_to=None, progress=False)  # "interrupted"
+    train(replace(cfg, steps=2), tmp_path / "b", export_to=None, progress=False)
+    train(cfg, tmp_path / "b", export_to=None, progress=False)  # resumed
+    a = torch.load(tmp_path / "a" / "ckpt.pt", weights_only=False)
+    b = torch.load(tmp_path / "b" / "ckpt.pt", weights_only=False)
+    assert a["step"] == b["step"] == 3 and a["vae_step"] == 0 and a["phase"] == "unet"
+    for part in ("unet", "text_encoder", "probe"):
+        assert all(torch.equal(a[part][k], b[part][k]) for k in a[part])
+    for part in ("unet", "text_encoder"):
+        assert all(torch.equal(a["ema"][part][k], b["ema"][part][k]) for k in a["ema"][part])
+    assert torch.equal(a["rng"], b["rng"])
+    # the folder's VAE is kept whole (no VAE or decoder phase) with its scaling factor, and the UNet moved
+    start = {p: load_file(next((tiny_folder / p).glob("*.safetensors"))) for p in ("vae", "unet")}
+    assert all(torch.equal(start["vae"][k], a["vae"][k]) for k in start["vae"])
+    assert not all(torch.equal(start["unet"][k], a["unet"][k]) for k in start["unet"])
+    import json
+
+    scale = json.loads((tiny_folder / "vae" / "config.json").read_text())["scaling_factor"]
+    assert a["scale"] == scale == json.loads((tmp_path / "export" / "vae" / "config.json").read_text())["scaling_factor"]
+    out = load_file(next((tmp_path / "export" / "vae").glob("*.safetensors")))
+    assert all(torch.equal(start["vae"][k], out[k]) for k in out)
+    with pytest.raises(ValueError, match="fresh workdir"):  # a fine-tune never resumes a full run's workdir
+        train(replace(cfg, finetune_from=None, layout_share=0.0, place_dropout=0.0, vae_steps=1, decoder_steps=0),
+              tmp_path / "a", export_to=None, progress=False)
+
+
+def test_finetune_cache_mixes_anchored_and_free_layouts(tmp_path, tiny_folder):
+    from attnmod.toy import dataset
+
+    cfg = _finetune_cfg(tiny_folder, cache_size=8, layout_share=0.5, steps=1)
+    train(cfg, tmp_path / "w", export_to=None, progress=False)
+    cache = torch.load(tmp_path / "w" / "cache-8-layout0.5.pt", weights_only=False)
+    assert cache["kind"].tolist() == [0] * 4 + [1] * 4 and cache["ids"].shape[:2] == (8, 8)
+    assert cache["masks"].shape == (8, dataset.MAX_OBJECTS, 16 * 16)
+    from transformers import CLIPTokenizer
+
+    tok = CLIPTokenizer.from_pretrained(tiny_folder / "tokenizer")
+    for i, (kind, seed) in enumerate(zip(cache["kind"].tolist(), cache["seed"].tolist(), strict=True)):
+        s = dataset.sample_layout(seed) if kind else dataset.sample(seed)
+        assert int(cache["n_objects"][i]) == len(s.masks)
+        pooled = cache["masks"][i].float().view(-1, 16, 16)
+        blocks = torch.from_numpy(s.masks).float().view(len(s.masks), 16, 4, 16, 4).mean((2, 4))
+        assert torch.equal(pooled[: len(s.masks)], blocks) and not pooled[len(s.masks):].any()
+        no_place = tok.decode(cache["ids"][i, 4].tolist(), skip_special_tokens=True)
+        assert no_place.replace(" ,", ",") == dataset.caption(s.scene, place=False)
+        full = tok.decode(cache["ids"][i, 0].tolist(), skip_special_tokens=True).replace(" ,", ",")
+        assert full == s.caption
+
+
+def test_cli_finetune_exports_to_its_workdir(tmp_path):
+    from attnmod.toy.cli import main
+    from attnmod.toy.model import SHIPPED
+
+    before = {p: p.stat().st_mtime_ns for p in SHIPPED.rglob("*")}
+    assert main(["train-toy", "--finetune-from", str(SHIPPED), "--workdir", str(tmp_path / "w"), "--cache-size", "2",
+                 "--steps", "1", "--batch", "2", "--layout-share", "0.5", "--place-dropout", "0.3", "--warmup", "1",
+                 "--threads", "1", "--no-progress", "--log-every", "0"]) == 0
+    state = torch.load(tmp_path / "w" / "ckpt.pt", weights_only=False)
+    tc = state["train_config"]
+    assert (tc["finetune_from"], tc["layout_share"], tc["place_dropout"], tc["lr"]) == (str(SHIPPED), 0.5, 0.3, 2e-4)
+    assert (tmp_path / "w" / "export" / "unet").is_dir()
+    assert {p: p.stat().st_mtime_ns for p in SHIPPED.rglob("*")} == before  # the shipped model is untouched

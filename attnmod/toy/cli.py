@@ -17,19 +17,22 @@ from attnmod.toy.model import SHIPPED
 
 
 def _train(args: argparse.Namespace) -> int:
-    from attnmod.toy.train import TrainConfig, train
+    from attnmod.toy.train import TrainConfig, finetune_config, train
 
     if args.threads:
         import torch
 
         torch.set_num_threads(args.threads)
     guards.check_output_dir(args.workdir, "--workdir")
+    if args.export is None:  # a fine-tune never overwrites the shipped model unless told to
+        args.export = str(SHIPPED) if args.finetune_from is None else f"{args.workdir}/export"
     if not args.no_export:
         guards.check_output_dir(args.export, "--export")
-    cfg = TrainConfig()
+    cfg = TrainConfig() if args.finetune_from is None else finetune_config(args.finetune_from)
     overrides = {k: getattr(args, k) for k in ("seed", "steps", "vae_steps", "batch", "lr", "cache_size",
                                                "export_every", "ckpt_every", "zero_snr_from",
-                                               "decoder_steps") if getattr(args, k) is not None}
+                                               "decoder_steps", "warmup", "layout_share", "place_dropout")
+                 if getattr(args, k) is not None}
     cfg = replace(cfg, **overrides)
     t0 = time.time()
     last = {}
@@ -72,10 +75,12 @@ def _eval(args: argparse.Namespace) -> int:
 def register(subparsers) -> None:
     """Add ``train-toy`` and ``eval-toy`` to an ``argparse`` subparsers object."""
     p = subparsers.add_parser("train-toy", help="train (or resume) the embedded toy model",
-                              description="Train the toy model: VAE, then UNet + text encoder. Resumes from "
+                              description="Train the toy model: VAE, then UNet + text encoder, then the "
+                                          "decoder; or fine-tune a trained one (--finetune-from). Resumes from "
                                           "WORKDIR/ckpt.pt when present.")
     p.add_argument("--workdir", default=".train", help="checkpoints and latent cache (default: .train)")
-    p.add_argument("--export", default=str(SHIPPED), help="folder the pipeline is exported to (default: shipped model)")
+    p.add_argument("--export", help="folder the pipeline is exported to (default: the shipped model; with "
+                   "--finetune-from: WORKDIR/export)")
     p.add_argument("--no-export", action="store_true", help="do not export the pipeline")
     p.add_argument("--export-only", action="store_true",
                    help="only export the EMA weights of WORKDIR/ckpt.pt to --export, no training")
@@ -90,6 +95,14 @@ def register(subparsers) -> None:
     p.add_argument("--ckpt-every", type=int)
     p.add_argument("--zero-snr-from", type=int, help="UNet step from which the noise schedule has zero terminal "
                    "SNR (default 4600, as the shipped run; 0: from the start)")
+    p.add_argument("--finetune-from", metavar="FOLDER",
+                   help="fine-tune this diffusers folder's UNet + text encoder (its VAE frozen, no VAE/decoder "
+                        "phase) on anchored + free-layout scenes; defaults: attnmod.toy.train.FINETUNE "
+                        "(lr 2e-4, 100 warm-up steps, 10000 steps, layout share 0.5, place dropout 0.2)")
+    p.add_argument("--layout-share", type=float, help="fine-tune: share of free-layout scenes in the cache (0.5)")
+    p.add_argument("--place-dropout", type=float,
+                   help="fine-tune: how often anchored captions drop their place clause (0.2)")
+    p.add_argument("--warmup", type=int, help="learning-rate warm-up steps (default 200; fine-tune 100)")
     p.add_argument("--device", help="cuda / cpu (default: cuda when available)")
     p.add_argument("--threads", type=int, help="CPU threads for torch (1 is best on a shared 2-core machine)")
     p.add_argument("--log-every", type=int, default=100, help="print a JSON line every N steps (0: never)")

@@ -9,6 +9,15 @@ saved in ``workdir``). Every ``export_every`` steps the EMA weights are written 
 complete diffusers folder, so there is always a usable model. Progress goes to a tqdm bar
 (``progress=False`` silences it) and to ``callback(dict)``.
 
+Fine-tuning (``finetune_config(folder)``, ``train-toy --finetune-from FOLDER``): no VAE or decoder
+phase; the folder's VAE (frozen, its scaling factor), UNet and text encoder are the starting point, and
+the UNet + text encoder phase continues with the final phase's losses (zero terminal SNR, caption
+probe, token grounding) at a lower learning rate, on a latent cache that mixes anchored scenes
+(``dataset.sample``, their caption variants, the place clause dropped with ``place_dropout``) and a
+``layout_share`` of free-layout scenes (``dataset.sample_layout``). The cache holds every entry's
+object masks (pooled to the latent grid) and probe labels, so grounding needs no re-rendering. Same
+checkpoints, resume and exports as the full run.
+
 Seeds: training images use seeds below ``EVAL_SEED0``; ``evaluate`` uses seeds from it upwards.
 """
 
@@ -28,9 +37,15 @@ from tqdm.auto import tqdm
 
 from attnmod.attention import explicit_attention
 from attnmod.toy import dataset
-from attnmod.toy.grounding import grounded_maps, grounding_targets, pixel_loss, token_loss
+from attnmod.toy.grounding import (
+    grounded_maps,
+    grounding_targets,
+    object_token_positions,
+    pixel_loss,
+    token_loss,
+)
 from attnmod.toy.model import SHIPPED, Components, ModelConfig, build, build_scheduler, save_pipeline
-from attnmod.toy.probe import CaptionProbe, labels_for_seeds, mask_dropped
+from attnmod.toy.probe import HEADS, IGNORE, CaptionProbe, labels_for_seeds, mask_dropped, scene_labels
 
 EVAL_SEED0 = 10_000_000
 
@@ -80,10 +95,23 @@ class TrainConfig:
     decoder_steps: int = 3000
     decoder_lr: float = 3e-4  # cosine-decayed to 10 % over decoder_steps
     object_weight: float = 10.0
+    # Fine-tuning (finetune_config): start the UNet phase from this diffusers folder's UNet and text
+    # encoder, with its VAE frozen (vae_steps and decoder_steps must be 0) and its scaling factor.
+    finetune_from: str | None = None
+    layout_share: float = 0.0  # share of the latent cache drawn from free layouts (dataset.sample_layout)
+    place_dropout: float = 0.0  # anchored captions drop their place clauses this often (needs a mixed cache)
+    probe_lr: float | None = None  # the caption probe's learning rate (None: lr)
+    probe_fit_steps: int = 0  # for this many steps the probe learns from the encoder output without moving it
 
     def __post_init__(self):
-        if not 0 <= self.caption_dropout < 1 or not 0 <= self.clause_dropout < 1:
+        if not 0 <= self.caption_dropout < 1 or not 0 <= self.clause_dropout < 1 or not 0 <= self.place_dropout < 1:
             raise ValueError("dropout probabilities must be in [0, 1)")
+        if not 0 <= self.layout_share <= 1:
+            raise ValueError("layout_share must be in [0, 1]")
+        if self.finetune_from is None and (self.layout_share or self.place_dropout):
+            raise ValueError("layout_share and place_dropout need a fine-tune (finetune_from)")
+        if self.finetune_from is not None and (self.vae_steps or self.decoder_steps):
+            raise ValueError("a fine-tune keeps the folder's VAE: vae_steps and decoder_steps must be 0")
         if min(self.aux_weight, self.ground_weight, self.ground_pixel_weight) < 0 or self.object_weight < 1:
             raise ValueError("aux_weight, ground_weight and ground_pixel_weight must be >= 0, object_weight >= 1")
         if min(self.vae_steps, self.steps, self.decoder_steps) < 0 or min(self.batch, self.vae_batch, self.cache_size) < 1:
@@ -91,6 +119,18 @@ class TrainConfig:
 
 
 _VAE_KEYS = ("vae_channels", "latent_channels", "image_size", "vae_groups")
+
+# What a fine-tune changes from the full run's defaults (finetune_config): the final phase's losses from
+# step 0, a lower learning rate with a short warm-up, a fresh caption probe fitted alone for its first
+# steps at the full run's rate (a random probe would push the encoder in random directions).
+FINETUNE = {"vae_steps": 0, "decoder_steps": 0, "lr": 2e-4, "warmup": 100, "zero_snr_from": 0, "aux_from": 0,
+            "ground_from": 0, "steps": 10_000, "layout_share": 0.5, "place_dropout": 0.2, "probe_lr": 1e-3,
+            "probe_fit_steps": 500}
+
+
+def finetune_config(folder: str | Path = SHIPPED, **overrides) -> TrainConfig:
+    """The fine-tune defaults (``FINETUNE``) from ``folder``, with ``overrides``."""
+    return TrainConfig(**{**FINETUNE, "finetune_from": str(folder), **overrides})
 
 
 def _norm(v):
@@ -174,6 +214,59 @@ def _decoder_step(c: Components, opt, cfg: TrainConfig, g: torch.Generator, devi
 
 
 @torch.no_grad()
+def build_mixed_cache(c: Components, cfg: TrainConfig, device, progress: bool = True) -> dict:
+    """The fine-tune's cache: anchored scenes (seeds 0..) and a ``layout_share`` of free layouts (layout
+    seeds 0..), with VAE latent means, token ids of 8 caption variants (index = no background + 2 × no
+    style + 4 × no place; a free layout's place variants equal the others), probe labels (a third object
+    has no probe head), object masks area-pooled to the latent grid (float16, exact), object counts, and
+    the folder VAE's scaling factor (the UNet was trained with it)."""
+    n_layout = round(cfg.layout_share * cfg.cache_size)
+    jobs = [(0, s) for s in range(cfg.cache_size - n_layout)] + [(1, s) for s in range(n_layout)]
+    variants = [(bg, st, pl) for pl in (True, False) for st in (True, False) for bg in (True, False)]
+    latents, ids, labels, masks, counts = [], [], [], [], []
+    for start in tqdm(range(0, len(jobs), 256), desc="latent cache", disable=not progress):
+        chunk = jobs[start: start + 256]
+        samples = [dataset.sample_layout(s) if kind else dataset.sample(s) for kind, s in chunk]
+        z = c.vae.encode(pixels(samples).to(device)).latent_dist.mean.cpu()  # (b, 4, h, w)
+        latents.append(z)
+        caps = [dataset.caption(s.scene, bg, st, pl) for s in samples for bg, st, pl in variants]
+        ids.append(tokenize(c.tokenizer, caps).view(len(samples), len(variants), -1).to(torch.int32))
+        labels.append(torch.tensor([scene_labels(s.scene) for s in samples]))
+        m = torch.zeros(len(samples), dataset.MAX_OBJECTS, *z.shape[-2:])
+        for i, s in enumerate(samples):
+            m[i, : len(s.masks)] = F.adaptive_avg_pool2d(torch.from_numpy(s.masks.astype(np.float32))[:, None],
+                                                         z.shape[-2:])[:, 0]
+        masks.append(m.flatten(2).half())
+        counts.append(torch.tensor([len(s.masks) for s in samples], dtype=torch.uint8))
+    kind = torch.tensor([k for k, _ in jobs], dtype=torch.uint8)
+    seed = torch.tensor([s for _, s in jobs], dtype=torch.int64)
+    return {"latents": torch.cat(latents), "ids": torch.cat(ids), "labels": torch.cat(labels),
+            "masks": torch.cat(masks), "n_objects": torch.cat(counts), "kind": kind, "seed": seed,
+            "scale": float(c.vae.config.scaling_factor)}
+
+
+def cached_grounding_targets(cache: dict, idx: list[int], ids: torch.Tensor, keep: torch.Tensor,
+                             comma_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``grounding.grounding_targets`` from a mixed cache's pooled masks (no re-rendering)."""
+    rows, positions, masks = [], [], []
+    for b, i in enumerate(idx):
+        if not keep[b]:
+            continue
+        n = int(cache["n_objects"][i])
+        for o, toks in enumerate(object_token_positions(ids[b].tolist(), comma_id, n)):
+            for t in toks:
+                rows.append(b)
+                positions.append(t)
+                masks.append(cache["masks"][i, o].float())
+    if not rows:
+        return torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long), torch.zeros(0, cache["masks"].shape[-1])
+    return torch.tensor(rows), torch.tensor(positions), torch.stack(masks)
+
+
+_POSITION_HEADS = [i for i, name in enumerate(HEADS) if name.startswith("position")]
+
+
+@torch.no_grad()
 def build_cache(c: Components, cfg: TrainConfig, device, progress: bool = True) -> dict:
     """VAE latent means and token ids (4 caption variants: full, -background, -style, -both)."""
     latents, ids = [], []
@@ -203,14 +296,22 @@ def grounded_blocks(unet) -> list[str]:
 
 def _unet_step(c: Components, opt, cache: dict, empty_ids: torch.Tensor, cfg: TrainConfig,
                g: torch.Generator, device, probe: CaptionProbe | None = None,
-               ground: tuple[list[str], int] | None = None) -> tuple[float, float | None, float | None]:
+               ground: tuple[list[str], int] | None = None,
+               probe_fit: bool = False) -> tuple[float, float | None, float | None]:
     """One optimizer step; returns the diffusion loss, the caption probe's and the grounding loss (None if
-    unused). ``ground``: (grounded block names, the comma's token id)."""
+    unused). ``ground``: (grounded block names, the comma's token id); ``probe_fit``: the probe learns
+    from the detached encoder output."""
     sched = c.scheduler
     idx = torch.randint(0, len(cache["latents"]), (cfg.batch,), generator=g)
     keep_bg = torch.rand(cfg.batch, generator=g) >= cfg.clause_dropout
     keep_style = torch.rand(cfg.batch, generator=g) >= cfg.clause_dropout
     variant = (~keep_bg).long() + 2 * (~keep_style).long()
+    keep_place = None
+    if cfg.place_dropout > 0:  # drawn only then, so the full run's random stream is unchanged
+        if cache["ids"].shape[1] < 8:
+            raise ValueError("place_dropout needs a cache with place variants (build_mixed_cache)")
+        keep_place = torch.rand(cfg.batch, generator=g) >= cfg.place_dropout
+        variant = variant + 4 * (~keep_place).long()
     ids = cache["ids"][idx, variant].long()  # (B, L)
     drop = torch.rand(cfg.batch, generator=g) < cfg.caption_dropout
     ids[drop] = empty_ids
@@ -230,11 +331,18 @@ def _unet_step(c: Components, opt, cache: dict, empty_ids: torch.Tensor, cfg: Tr
     total = loss
     aux = grounded = None
     if probe is not None:
-        labels = mask_dropped(cache["labels"][idx], keep_bg, keep_style, ~drop).to(device)
-        aux = probe.loss(emb, labels)
+        labels = mask_dropped(cache["labels"][idx], keep_bg, keep_style, ~drop)
+        if keep_place is not None:
+            for j in _POSITION_HEADS:
+                labels[~keep_place, j] = IGNORE
+        aux = probe.loss(emb.detach() if probe_fit else emb, labels.to(device))
         total = total + cfg.aux_weight * aux
     if ground is not None:
-        rows, positions, masks = grounding_targets(idx.tolist(), ids.cpu(), ~drop, ground[1], tuple(x0.shape[-2:]))
+        if "masks" in cache:
+            rows, positions, masks = cached_grounding_targets(cache, idx.tolist(), ids.cpu(), ~drop, ground[1])
+        else:
+            rows, positions, masks = grounding_targets(idx.tolist(), ids.cpu(), ~drop, ground[1],
+                                                       tuple(x0.shape[-2:]))
         if len(rows):
             maps, masks = grounded_maps(probs, rows.to(device), positions.to(device)), masks.to(device)
             grounded = cfg.ground_weight * token_loss(maps, masks) + cfg.ground_pixel_weight * pixel_loss(maps, masks)
@@ -292,7 +400,12 @@ def train(cfg: TrainConfig = TrainConfig(), workdir: str | Path = ".train", expo
         keys = _VAE_KEYS if state["phase"] == "vae" else now.keys()  # the UNet may change before it trains
         if any(_norm(saved.get(k)) != _norm(now[k]) for k in keys):
             raise ValueError(f"{ckpt_path} was trained with another model config; use a fresh workdir")
+        if state["train_config"].get("finetune_from") != cfg.finetune_from:
+            raise ValueError(f"{ckpt_path} is from a run with finetune_from={state['train_config'].get('finetune_from')!r}, "
+                             f"not {cfg.finetune_from!r}; use a fresh workdir")
     cb = callback or (lambda info: None)
+    if cfg.finetune_from is not None:  # its weights are the start; a checkpoint's (below) replace them
+        _load_folder(c, Path(cfg.finetune_from))
 
     # --- phase 1: VAE -----------------------------------------------------------------------------
     vae_opt = torch.optim.AdamW(c.vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
@@ -323,11 +436,15 @@ def train(cfg: TrainConfig = TrainConfig(), workdir: str | Path = ".train", expo
     c.vae.eval().requires_grad_(False)
 
     # --- latent cache -----------------------------------------------------------------------------
-    cache_path = workdir / f"cache-{cfg.cache_size}.pt"
+    if cfg.finetune_from is None:
+        cache_path = workdir / f"cache-{cfg.cache_size}.pt"
+    else:
+        cache_path = workdir / f"cache-{cfg.cache_size}-layout{cfg.layout_share:g}.pt"
     if cache_path.exists() and (state or {}).get("phase") in ("unet", "decoder"):
         cache = torch.load(cache_path, weights_only=False)
     else:
-        cache = build_cache(c, cfg, device, progress)
+        make = build_cache if cfg.finetune_from is None else build_mixed_cache
+        cache = make(c, cfg, device, progress)
         _save(cache, cache_path)
     c.vae.register_to_config(scaling_factor=cache["scale"])
     empty_ids = tokenize(c.tokenizer, [""])[0].to(torch.long)
@@ -339,7 +456,8 @@ def train(cfg: TrainConfig = TrainConfig(), workdir: str | Path = ".train", expo
                          generator=torch.Generator().manual_seed(cfg.seed + 1)).to(device)
     params = list(c.unet.parameters()) + list(c.text_encoder.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=1e-2)
-    opt.add_param_group({"params": list(probe.parameters()), "weight_decay": 0.0})
+    opt.add_param_group({"params": list(probe.parameters()), "weight_decay": 0.0,
+                         **({} if cfg.probe_lr is None else {"lr": cfg.probe_lr})})
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(cfg.warmup, 1)))
     step = 0
     if state is not None and state["phase"] == "decoder" and cfg.steps > state["step"]:
@@ -376,7 +494,7 @@ def train(cfg: TrainConfig = TrainConfig(), workdir: str | Path = ".train", expo
         use_probe = cfg.aux_weight > 0 and step >= cfg.aux_from
         use_ground = cfg.ground_weight + cfg.ground_pixel_weight > 0 and step >= cfg.ground_from
         loss, aux, grounded = _unet_step(c, opt, cache, empty_ids, cfg, g, device, probe if use_probe else None,
-                                         ground if use_ground else None)
+                                         ground if use_ground else None, probe_fit=step < cfg.probe_fit_steps)
         sched.step()
         step += 1
         decay = min(cfg.ema_decay, (1 + step) / (10 + step))
@@ -436,6 +554,21 @@ def train(cfg: TrainConfig = TrainConfig(), workdir: str | Path = ".train", expo
         bar.close()
         c.vae.eval().requires_grad_(False)
     return c
+
+
+def _load_folder(c: Components, folder: Path) -> None:
+    """Load a diffusers folder's VAE (with its scaling factor), UNet and text encoder into ``c`` (the
+    fine-tune's starting point; the architecture must match ``cfg.model``, the tokenizer ``c.tokenizer``)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    vae = AutoencoderKL.from_pretrained(folder / "vae")
+    c.vae.load_state_dict(vae.state_dict())
+    c.vae.register_to_config(scaling_factor=vae.config.scaling_factor)
+    c.unet.load_state_dict(UNet2DConditionModel.from_pretrained(folder / "unet").state_dict())
+    c.text_encoder.load_state_dict(CLIPTextModel.from_pretrained(folder / "text_encoder").state_dict())
+    if CLIPTokenizer.from_pretrained(folder / "tokenizer").get_vocab() != c.tokenizer.get_vocab():
+        raise ValueError(f"{folder} has another tokenizer than the toy grammar's; cannot fine-tune it")
 
 
 def export_checkpoint(workdir: str | Path, folder: str | Path) -> int:
