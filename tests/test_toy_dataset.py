@@ -211,3 +211,19 @@ def test_generated_captions_fit_the_text_encoder():
                     assert n == dataset.caption_tokens(text) <= dataset.MAX_TOKENS
                     worst = max(worst, n)
     assert worst == 26
+
+
+def test_evaluation_reads_free_layouts():
+    from attnmod.toy import evaluate
+
+    for n in (1, 2, 3):
+        scenes = evaluate.layout_scenes(40, n)
+        assert all(len(s.objects) == n for s in scenes)
+        acc = evaluate.accuracy([evaluate.analyze_layout(dataset.render(s)[0], s) for s in scenes],
+                                evaluate.LAYOUT_CHECKS)
+        assert min(acc.values()) >= 0.9, (n, acc)
+        assert acc["color"] == acc["all"] == acc["count"] == 1.0
+    s = evaluate.layout_scenes(1, 2)[0]
+    blank = np.broadcast_to(np.array(dataset.COLORS[s.background], np.uint8), (64, 64, 3)).copy()
+    res = evaluate.analyze_layout(blank, s)
+    assert res["color"] == [False, False] and res["all"] == [False] and res["background"] == [True]

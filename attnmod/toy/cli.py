@@ -61,7 +61,8 @@ def _eval(args: argparse.Namespace) -> int:
     if args.out:
         guards.check_output_file(args.out, suffixes=(".json",))
     cfg = EvalConfig(n_prompts=args.n, steps=args.steps, guidance=args.guidance,
-                     sweep=tuple(args.sweep) if args.sweep else (), seed=args.seed)
+                     sweep=tuple(args.sweep) if args.sweep else (), seed=args.seed,
+                     layout_prompts=args.layout)
     result = evaluate(args.model, cfg, progress=not args.no_progress)
     text = json.dumps(result.to_dict(), indent=2)
     print(text)
@@ -118,6 +119,8 @@ def register(subparsers) -> None:
     e.add_argument("--guidance", type=float, default=None, help="default: the model's default guidance")
     e.add_argument("--sweep", type=float, nargs="*", help="guidance scales to sweep (1-object prompts)")
     e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--layout", type=int, default=0, metavar="N",
+                   help="also score N free-layout prompts (no place words) per object count 1, 2, 3 (default 0)")
     e.add_argument("--out", help="also write the JSON result here")
     e.add_argument("--no-progress", action="store_true")
     e.set_defaults(func=_eval)

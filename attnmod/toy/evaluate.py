@@ -15,6 +15,11 @@ caption; ``analyze`` then reads each image without any model:
 ``evaluate`` returns an ``EvalResult`` (also the checks on VAE round trips of the true images, the
 ceiling the decoder sets); the sweep reports the guidance scales that still
 meet the targets (colour, background ≥ 90 %, position ≥ 85 %, shape ≥ 75 % on 1-object prompts).
+
+Free layouts (``EvalConfig.layout_prompts``; ``dataset.sample_layout`` scenes, captions without place
+words): ``analyze_layout`` looks each object up by its colour (as for 2 objects) and reports per object
+colour (found), shape and size (area against the template at ``dataset.LARGE_FROM``), and per image
+``all`` (every named object found) and ``count`` (exactly as many components as objects named).
 """
 
 from __future__ import annotations
@@ -52,6 +57,7 @@ class EvalConfig:
     sweep_prompts: int = 50
     seed: int = 0
     batch: int = 25
+    layout_prompts: int = 0  # free-layout prompts per object count (1, 2, 3); 0: none
 
     def __post_init__(self):
         if self.n_prompts < 1 or self.steps < 1 or self.batch < 1:
@@ -70,6 +76,8 @@ class EvalResult:
     faithful_guidance: tuple[float, ...] = ()  # sweep scales that meet TARGETS
     # the same checks on VAE round trips of the 1-object scenes' true images: what the decoder allows
     reconstruction: dict[str, float] = field(default_factory=dict)
+    # free layouts: object count → LAYOUT_CHECKS accuracies (and "truth": the checks on the true images)
+    layout: dict[str, dict[str, float]] = field(default_factory=dict)
 
     def meets_targets(self) -> bool:
         return all(self.one_object[k] >= v for k, v in TARGETS.items())
@@ -189,8 +197,46 @@ def analyze(image: np.ndarray, scene: dataset.Scene | dataset.Parsed) -> dict[st
     return res
 
 
-def accuracy(results: list[dict[str, list[bool]]]) -> dict[str, float]:
-    return {k: float(np.mean([v for r in results for v in r[k]])) for k in CHECKS}
+def accuracy(results: list[dict[str, list[bool]]], checks: tuple[str, ...] = CHECKS) -> dict[str, float]:
+    return {k: float(np.mean([v for r in results for v in r[k]])) for k in checks}
+
+
+LAYOUT_CHECKS = ("color", "background", "shape", "size", "all", "count")
+_LARGE_AREAS = {s: int(dataset.shape_mask(s, 32, 32, dataset.LARGE_FROM).sum()) for s in dataset.SHAPES}
+
+
+def analyze_layout(image: np.ndarray, scene: dataset.Scene | dataset.Parsed) -> dict[str, list[bool]]:
+    """Free-layout checks for one image: per object colour (an object of that colour found), shape, size;
+    per image background, ``all`` (every object found) and ``count`` (as many components as objects)."""
+    labels = label_pixels(image)
+    border = np.concatenate([labels[:2].ravel(), labels[-2:].ravel(), labels[:, :2].ravel(), labels[:, -2:].ravel()])
+    border = border[border >= 0]
+    bg = int(np.bincount(border, minlength=8).argmax()) if len(border) else -2
+    comps = components(labels != bg)
+    doms = [dominant_color(labels, c) for c in comps]
+    res: dict[str, list[bool]] = {k: [] for k in LAYOUT_CHECKS}
+    for obj in scene.objects:
+        found = next((c for c, d in zip(comps, doms, strict=True) if d == obj.color), None)
+        res["color"].append(found is not None)
+        res["shape"].append(found is not None and classify_shape(found) == obj.shape)
+        large = found is not None and int(found.sum()) >= _LARGE_AREAS[obj.shape]
+        res["size"].append(found is not None and large == (obj.size == "large"))
+    res["background"].append(bg >= 0 and _NAMES[bg] == scene.background)
+    res["all"].append(all(res["color"]))
+    res["count"].append(len(comps) == len(scene.objects))
+    return res
+
+
+def layout_scenes(n: int, n_objects: int, seed: int = 0) -> list[dataset.Scene]:
+    """Held-out free layouts: ``dataset.sample_layout``'s scenes for seeds EVAL_SEED0 + seed*1e6 + n_objects*1e5 + i."""
+    base = EVAL_SEED0 + seed * 1_000_000 + n_objects * 100_000
+    return [dataset.random_layout_scene(dataset.layout_rng(base + i), n_objects) for i in range(n)]
+
+
+def score_layout(pipe, scenes: list[dataset.Scene], steps: int, guidance: float, seed: int = 0, batch: int = 25,
+                 progress: bool = False) -> dict[str, float]:
+    images = generate(pipe, [dataset.caption(s) for s in scenes], steps, guidance, seed, batch, progress)
+    return accuracy([analyze_layout(im, s) for im, s in zip(images, scenes, strict=True)], LAYOUT_CHECKS)
 
 
 # --- generation -----------------------------------------------------------------------------------
@@ -258,8 +304,13 @@ def evaluate(model: str | Path = SHIPPED, cfg: EvalConfig = EvalConfig(), progre
         sweep[g] = one if (g == guidance and cfg.sweep_prompts == cfg.n_prompts) else score(
             pipe, scenes, cfg.steps, g, cfg.seed, cfg.batch, progress)
     rec = score_reconstruction(pipe, eval_scenes(cfg.n_prompts, 1, cfg.seed), cfg.batch)
+    layout = {}
+    for n in (1, 2, 3) if cfg.layout_prompts else ():
+        scenes = layout_scenes(cfg.layout_prompts, n, cfg.seed)
+        layout[str(n)] = score_layout(pipe, scenes, cfg.steps, guidance, cfg.seed, cfg.batch, progress)
+        layout[f"{n} truth"] = accuracy([analyze_layout(dataset.render(s)[0], s) for s in scenes], LAYOUT_CHECKS)
     return EvalResult(str(model), cfg.steps, guidance, cfg.n_prompts, one, two, sweep,
-                      tuple(g for g, a in sweep.items() if faithful(a)), rec)
+                      tuple(g for g, a in sweep.items() if faithful(a)), rec, layout)
 
 
 if __name__ == "__main__":

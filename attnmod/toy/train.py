@@ -440,8 +440,8 @@ def train(cfg: TrainConfig = TrainConfig(), workdir: str | Path = ".train", expo
         cache_path = workdir / f"cache-{cfg.cache_size}.pt"
     else:
         cache_path = workdir / f"cache-{cfg.cache_size}-layout{cfg.layout_share:g}.pt"
-    if cache_path.exists() and (state or {}).get("phase") in ("unet", "decoder"):
-        cache = torch.load(cache_path, weights_only=False)
+    if cache_path.exists() and ((state or {}).get("phase") in ("unet", "decoder") or cfg.finetune_from is not None):
+        cache = torch.load(cache_path, weights_only=False)  # a fine-tune's VAE never changes: always reusable
     else:
         make = build_cache if cfg.finetune_from is None else build_mixed_cache
         cache = make(c, cfg, device, progress)
