@@ -37,6 +37,25 @@ def seed(text: str) -> int:
             from None
 
 
+def subject_box(text: str):
+    """argparse type: ``WORDS=X0,Y0,X1,Y1`` -> a bounded-attention ``Subject`` (box normalised, top-left origin)."""
+    from .methods.bounded import Subject
+
+    words, sep, numbers = text.rpartition("=")
+    parts = numbers.split(",")
+    try:
+        if not sep or len(parts) != 4:
+            raise ValueError
+        box = tuple(float(v) for v in parts)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a box looks like 'red circle=0.05,0.3,0.45,0.7' (WORDS=X0,Y0,X1,Y1), "
+                                         f"got {text!r}") from None
+    try:
+        return Subject(words.strip(), box)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def check_seed(value: int) -> int:
     if not 0 <= value <= SEED_MAX:
         raise ValueError(f"a seed is a whole number from 0 to 2**64 - 1, got {value}")

@@ -29,11 +29,12 @@ def encode_image(pipe, image: Image.Image) -> torch.Tensor:
     return pipe.vae.encode(x).latent_dist.mean * pipe.vae.config.scaling_factor
 
 
-def unet_conditioning(pipe, prompt: str, cfg: bool) -> tuple[torch.Tensor, dict]:
+def unet_conditioning(pipe, prompt: str, cfg: bool, size: tuple[int, int] | None = None) -> tuple[torch.Tensor, dict]:
     """Prompt conditioning for direct UNet calls: (context, extra UNet kwargs), [uncond, cond] with CFG.
 
     SD1.x: the text embedding. SDXL: both encoders' embedding plus the pooled embedding and the size
-    conditioning (original size = target size = the image size, no crop), as the pipeline builds them.
+    conditioning (original size = target size = ``size`` (height, width), default the model's native size, no
+    crop), as the pipeline builds them.
     """
     device = pipe.unet.device
     if getattr(pipe, "text_encoder_2", None) is None:
@@ -41,8 +42,9 @@ def unet_conditioning(pipe, prompt: str, cfg: bool) -> tuple[torch.Tensor, dict]
         return (torch.cat([uncond, cond]) if cfg else cond), {}
     cond, uncond, pooled, uncond_pooled = pipe.encode_prompt(prompt, device=device, do_classifier_free_guidance=cfg,
                                                              negative_prompt="")
-    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
-    time_ids = torch.tensor([[size, size, 0, 0, size, size]], dtype=cond.dtype, device=device)
+    side = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    h, w = size or (side, side)
+    time_ids = torch.tensor([[h, w, 0, 0, h, w]], dtype=cond.dtype, device=device)
     if cfg:
         cond, pooled, time_ids = torch.cat([uncond, cond]), torch.cat([uncond_pooled, pooled]), time_ids.repeat(2, 1)
     return cond, {"added_cond_kwargs": {"text_embeds": pooled, "time_ids": time_ids}}
