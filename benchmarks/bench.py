@@ -18,6 +18,10 @@
 5. Cross-Image Attention: UNet calls, image evaluations (batch rows) and seconds of one transfer (both
    inversions included) against one plain generation on the embedded model, and its peak working memory
    against 4 plain images, at the model's own size.
+6. Bounded Attention: seconds per image of plain generation, layout guidance and bounded attention (the
+   reference's 50 steps, 15 guided) on the embedded model at its own size, and the peak working memory of one
+   image (4 steps, 2 guided) with the masks as biases of the fused kernel vs every layer's probabilities built
+   (the reference's way, ``explicit_everywhere``), at the model's size and at 256x256.
 """
 
 from __future__ import annotations
@@ -170,6 +174,19 @@ def transfer_cost(pipe, recipe: Recipe, device, quick: bool) -> dict:
     return counts
 
 
+def layout_cost(pipe, recipe: Recipe, device, quick: bool) -> dict:
+    """Seconds of one image: plain, layout guidance, bounded attention (two subjects, the reference's settings)."""
+    from attnmod.methods.bounded import LAYOUT_GUIDANCE, BoundedOptions, Subject, bounded
+
+    subjects = [Subject("red circle", (0.05, 0.2, 0.45, 0.8)), Subject("white background", (0.55, 0.2, 0.95, 0.8))]
+    steps = 20 if quick else 50
+    runs = {"plain": ([], BoundedOptions()), "layout guidance": (subjects, LAYOUT_GUIDANCE),
+            "bounded attention": (subjects, BoundedOptions())}
+    seconds = {name: timed(lambda s=s, o=o: bounded(pipe, recipe.prompt, s, o, steps=steps, guidance=3.0), device)
+               for name, (s, o) in runs.items()}
+    return {"steps": steps, "seconds": seconds}
+
+
 def strategy_cost(pipe, base: Recipe, blocks: str, device):
     batched = timed(lambda: run_strategy(pipe, base, blocks=blocks), device)
     slow = timed(lambda: run_strategy(pipe, base, blocks=blocks, candidate_batch=1), device)
@@ -217,6 +234,14 @@ elif condition == "style":
     from attnmod.methods.style_aligned import style_aligned
     with style_aligned(pipe, images=4):
         render(pipe, [recipe] * 4)
+elif condition.startswith("layout"):
+    from attnmod.methods.bounded import BoundedOptions, Subject, bounded
+    kind = condition.split("-", 1)[1]
+    o = BoundedOptions(guidance_steps=2, iterations=2, masks=kind != "guidance", self_loss=0.0 if kind == "guidance"
+                       else 0.5, explicit_everywhere=kind == "explicit")
+    subjects = [] if kind == "plain" else [Subject("red circle", (0.05, 0.2, 0.45, 0.8)),
+                                           Subject("white background", (0.55, 0.2, 0.95, 0.8))]
+    bounded(pipe, recipe.prompt, subjects, o, steps=4, guidance=3.0, height=side, width=side)
 elif condition == "transfer":  # the inputs were made before the peak counter was reset
     transfer(pipe, inputs[0], inputs[1], TransferOptions(prompt="", steps=10, skip=3, windows=((1, 10), (1, 10)),
                                                          adain="plain"))
@@ -331,6 +356,26 @@ def main(argv=None) -> int:
     work = [peak - base for base, peak in (plain_mem, transfer_mem)]
     print(f"  {what} above the loaded model at {side}x{side}: 4 plain images {work[0] / 2**20:.1f} MiB, one transfer "
           f"(10 steps, 6 rows per UNet call) {work[1] / 2**20:.1f} MiB   x{work[1] / max(work[0], 1):.2f}")
+
+    print(f"\n## 6. Bounded Attention on '{toy}' at {side}x{side}: seconds per image (50 steps, 15 guided)")
+    results["layout"] = layout_cost(toy_pipe, toy_recipe, device, quick)
+    plain_s = results["layout"]["seconds"]["plain"]
+    for name, sec in results["layout"]["seconds"].items():
+        print(f"  {name:<34} {sec:7.2f} s   x{sec / plain_s:.1f}")
+    print(f"  {what} above the loaded model, one image, 4 steps (2 guided, 2 iterations), fresh process each:")
+    results["layout"]["memory"] = {}
+    for mside in (side,) if quick else (side, 256):
+        row = {}
+        for condition, label in (("layout-plain", "plain"), ("layout-guidance", "layout guidance"),
+                                 ("layout-bounded", "bounded, masks as SDPA biases"),
+                                 ("layout-explicit", "bounded, every layer explicit")):
+            base, peak = peak_memory(toy, device, condition, mside)
+            row[label] = {"before": base, "peak": peak}
+        results["layout"]["memory"][mside] = row
+        plain_w = max(1, row["plain"]["peak"] - row["plain"]["before"])
+        for label, m in row.items():
+            work = m["peak"] - m["before"]
+            print(f"  {mside}x{mside} {label:<30} {work / 2**20:9.1f} MiB   x{work / plain_w:5.2f}")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
     return 0

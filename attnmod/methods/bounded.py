@@ -94,6 +94,7 @@ class BoundedOptions:
     loss_blocks: str | None = None  # block selector; None: ``reference_layers``
     mask_blocks: str | None = None
     seed: int = 0  # of the k-means seeding
+    explicit_everywhere: bool = False  # build every layer's probabilities, as the reference does (for measuring)
 
     def __post_init__(self):
         for name in ("guidance_steps", "iterations", "refine_every", "clusters_per_subject"):
@@ -383,6 +384,8 @@ class BoundedAttention:
 
     # -- attention hooks
     def wants(self, call: AttentionCall) -> bool:
+        if self.o.explicit_everywhere:
+            return True
         return call.name in (self.loss_layers if self._guiding else self.mask_layers)
 
     def qkv(self, call: AttentionCall, q, k, v):
@@ -399,18 +402,19 @@ class BoundedAttention:
                 cond = cross_bias(masks, self.tokens, self.hidden, self.eos, nk, self._guiding, self.o.mask_eos,
                                   q.dtype)
                 bias = torch.cat([torch.zeros_like(cond)] * (halves - 1) + [cond])
-            else:
-                bias = self_bias(masks, q.dtype).repeat(halves, 1, 1)
+            else:  # one image: one (1, N, N) bias broadcasts over both halves
+                bias = self_bias(masks, q.dtype)
+                bias = bias if self.images == 1 else bias.repeat(halves, 1, 1)
             bias = bias[:, None]  # (rows, 1, Nq, Nk)
             self._bias_cache[key] = bias
         return q, k, v, bias
 
     def probs(self, call: AttentionCall, probs: torch.Tensor) -> None:
+        if call.name not in (self.loss_layers if self._guiding else self.mask_layers):
+            return None  # explicit_everywhere: built, not read
         cond = probs[-self.images :]  # (B, h, N, K): the conditional half (guidance runs it alone)
         grid = token_grid(self.latent_hw, probs.shape[2])
         if self._guiding:
-            if call.name not in self.loss_layers:
-                return None
             boxes = box_masks([s.box for s in self.subjects], *grid, device=probs.device)
             if call.is_cross:
                 context = torch.zeros(probs.shape[-1], len(self.subjects), device=probs.device)
@@ -474,8 +478,9 @@ class BoundedAttention:
 
     def __enter__(self):
         unet = self.pipe.unet
-        probs = dict.fromkeys(self.loss_layers | self.mask_layers, self.probs)
-        qkv = dict.fromkeys([b.name for b in list_blocks(unet)], self.qkv) if self.o.masks else {}
+        every = [b.name for b in list_blocks(unet)]
+        probs = dict.fromkeys(every if self.o.explicit_everywhere else self.loss_layers | self.mask_layers, self.probs)
+        qkv = dict.fromkeys(every, self.qkv) if self.o.masks else {}
         self._attention = explicit_attention(unet, probs, qkv, wants=self.wants)
         self._handle = unet.register_forward_pre_hook(self.on_unet, with_kwargs=True)
         try:
