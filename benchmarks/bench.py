@@ -3,6 +3,7 @@
     python benchmarks/bench.py --quick            # < 2 min on 2 CPU cores (CI runs this)
     python benchmarks/bench.py                    # the figures in docs/benchmarks.md
     python benchmarks/bench.py --device cuda      # on a GPU
+    python benchmarks/bench.py --only 6           # some sections only (comma-separated numbers)
 
 1. hook overhead: stock pipeline vs AttnMod installed at neutral settings on every block, one block
    modified, and every block modified — on a UNet with the full SD1.5 architecture and random weights
@@ -277,7 +278,12 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="small sizes; < 2 min on 2 CPU cores")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--json", help="also write the results here")
+    ap.add_argument("--only", help="run only these sections, e.g. 6 or 1,4 (default: all)")
     args = ap.parse_args(argv)
+    try:
+        only = {int(n) for n in args.only.split(",")} if args.only else set(range(1, 7))
+    except ValueError:
+        ap.error(f"--only takes section numbers 1-6 separated by commas, got {args.only!r}")
     device = args.device
     dtype = torch.float16 if device.startswith("cuda") else torch.float32
     quick = args.quick
@@ -288,7 +294,7 @@ def main(argv=None) -> int:
     print(f"# attnmod benchmark on {results['machine']} ({device}){' --quick' if quick else ''}")
 
     models = []
-    if not quick or device != "cpu":
+    if 1 in only and (not quick or device != "cpu"):
         # on CPU 64x64 (8x8 latents) and 4 steps: at 128x128 and 8 steps this section alone took > 17 min
         size = 512 if device.startswith("cuda") else 64
         models.append((f"SD1.5 architecture, random weights, {size}x{size}", sd15_architecture(device, dtype),
@@ -301,81 +307,90 @@ def main(argv=None) -> int:
                         if toy == "toy" else "a red cat", steps=20, width=side, height=side, guidance=3.0)
     models.append((f"embedded model '{toy}', {side}x{side}", toy_pipe, toy_recipe))
 
-    print("\n## 1. hook overhead (median per generation; ratio to stock)")
-    results["overhead"] = {}
-    for label, pipe, recipe in models:
+    if 1 in only:
+        print("\n## 1. hook overhead (median per generation; ratio to stock)")
+        results["overhead"] = {}
+    for label, pipe, recipe in models if 1 in only else []:
         rows = overhead(pipe, recipe, rounds=3 if quick else 5, device=device)
         results["overhead"][label] = rows
         print(f"\n{label}, {recipe.steps} steps, CFG {recipe.guidance}")
         for name, t, ratio in rows:
             print(f"  {name:<34} {t * 1000:9.1f} ms   x{ratio:.3f}")
 
-    print("\n## 2. scan throughput (images per minute)")
-    starts, rates = (5, 3) if quick else (15, 9)
-    batch = 8 if device == "cpu" else 32
-    n, naive, batched = scan_throughput(toy_pipe, toy_recipe, starts, rates, batch, device)
-    results["scan"] = {"tiles": n, "naive_per_min": naive, "batched_per_min": batched, "batch": batch}
-    print(f"  {starts}x{rates} scan on '{toy}' ({n} distinct images, {toy_recipe.steps} steps)")
-    print(f"  naive, one call per tile, processors re-installed per step: {naive:8.1f} img/min")
-    print(f"  attnmod batched scan (batch {batch}):{'':23}{batched:8.1f} img/min   x{batched / naive:.2f}")
+    if 2 in only:
+        print("\n## 2. scan throughput (images per minute)")
+        starts, rates = (5, 3) if quick else (15, 9)
+        batch = 8 if device == "cpu" else 32
+        n, naive, batched = scan_throughput(toy_pipe, toy_recipe, starts, rates, batch, device)
+        results["scan"] = {"tiles": n, "naive_per_min": naive, "batched_per_min": batched, "batch": batch}
+        print(f"  {starts}x{rates} scan on '{toy}' ({n} distinct images, {toy_recipe.steps} steps)")
+        print(f"  naive, one call per tile, processors re-installed per step: {naive:8.1f} img/min")
+        print(f"  attnmod batched scan (batch {batch}):{'':23}{batched:8.1f} img/min   x{batched / naive:.2f}")
 
-    print("\n## 3. greedy strategy: batched candidates vs one UNet call per candidate")
-    blocks = "U*" if quick else "all"
-    strat_recipe = Recipe(toy_recipe.prompt, steps=8 if quick else 20, width=side, height=side, guidance=3.0)
-    batched_s, slow_s = strategy_cost(toy_pipe, strat_recipe, blocks, device)
-    results["strategy"] = {"blocks": blocks, "batched_s": batched_s, "per_candidate_s": slow_s}
-    print(f"  '{toy}', blocks {blocks}, {strat_recipe.steps} steps: batched {batched_s:.2f} s, "
-          f"per-candidate {slow_s:.2f} s   x{slow_s / batched_s:.2f} faster")
-    mem_side = 128 if quick else 256
-    print(f"\n## 4. memory while generating 4 images at {mem_side}x{mem_side} on '{toy}', fresh process each")
+    if 3 in only:
+        print("\n## 3. greedy strategy: batched candidates vs one UNet call per candidate")
+        blocks = "U*" if quick else "all"
+        strat_recipe = Recipe(toy_recipe.prompt, steps=8 if quick else 20, width=side, height=side, guidance=3.0)
+        batched_s, slow_s = strategy_cost(toy_pipe, strat_recipe, blocks, device)
+        results["strategy"] = {"blocks": blocks, "batched_s": batched_s, "per_candidate_s": slow_s}
+        print(f"  '{toy}', blocks {blocks}, {strat_recipe.steps} steps: batched {batched_s:.2f} s, "
+              f"per-candidate {slow_s:.2f} s   x{slow_s / batched_s:.2f} faster")
+
     what = "peak allocated" if device.startswith("cuda") else "peak RSS"
-    print(f"  {'condition':<34} {what + ' above loaded model':>28}   ratio   {what} in all")
-    results["memory"] = {"side": mem_side}
-    plain = None
-    for condition, label in (("plain", "plain generation"), ("attnmod", "AttnMod, every block modified"),
-                             ("maps", "attention maps, every block"), ("style", "StyleAligned sharing")):
-        base, peak = peak_memory(toy, device, condition, mem_side)
-        work = peak - base
-        plain = work if plain is None else plain
-        results["memory"][label] = {"before": base, "peak": peak}
-        print(f"  {label:<34} {work / 2**20:22.1f} MiB   x{work / plain:5.2f}   {peak / 2**20:8.1f} MiB")
+    if 4 in only:
+        mem_side = 128 if quick else 256
+        print(f"\n## 4. memory while generating 4 images at {mem_side}x{mem_side} on '{toy}', fresh process each")
+        what = "peak allocated" if device.startswith("cuda") else "peak RSS"
+        print(f"  {'condition':<34} {what + ' above loaded model':>28}   ratio   {what} in all")
+        results["memory"] = {"side": mem_side}
+        plain = None
+        for condition, label in (("plain", "plain generation"), ("attnmod", "AttnMod, every block modified"),
+                                 ("maps", "attention maps, every block"), ("style", "StyleAligned sharing")):
+            base, peak = peak_memory(toy, device, condition, mem_side)
+            work = peak - base
+            plain = work if plain is None else plain
+            results["memory"][label] = {"before": base, "peak": peak}
+            print(f"  {label:<34} {work / 2**20:22.1f} MiB   x{work / plain:5.2f}   {peak / 2**20:8.1f} MiB")
 
-    print(f"\n## 5. Cross-Image Attention on '{toy}' at {side}x{side}: one transfer (both DDPM inversions included) "
-          "vs one plain generation")
-    cost = transfer_cost(toy_pipe, toy_recipe, device, quick)
-    results["transfer"] = cost
-    plain_cost = cost["plain"]
-    for name in ("plain", "transfer"):
-        c = cost[name]
-        print(f"  {name:<10} steps {cost['steps'][name]:<16} UNet calls {c['calls']:4d}   image evaluations "
-              f"{c['rows']:5d}   {c['seconds']:7.2f} s   x{c['seconds'] / plain_cost['seconds']:.1f}")
-    # memory at the model's own size (the inversions take images of that size): 4 plain images vs one transfer
-    plain_mem = peak_memory(toy, device, "plain", side)
-    transfer_mem = peak_memory(toy, device, "transfer", side)
-    cost["memory"] = {"side": side, "plain": plain_mem, "transfer": transfer_mem}
-    work = [peak - base for base, peak in (plain_mem, transfer_mem)]
-    print(f"  {what} above the loaded model at {side}x{side}: 4 plain images {work[0] / 2**20:.1f} MiB, one transfer "
-          f"(10 steps, 6 rows per UNet call) {work[1] / 2**20:.1f} MiB   x{work[1] / max(work[0], 1):.2f}")
+    if 5 in only:
+        print(f"\n## 5. Cross-Image Attention on '{toy}' at {side}x{side}: one transfer (both DDPM inversions included) "
+              "vs one plain generation")
+        cost = transfer_cost(toy_pipe, toy_recipe, device, quick)
+        results["transfer"] = cost
+        plain_cost = cost["plain"]
+        for name in ("plain", "transfer"):
+            c = cost[name]
+            print(f"  {name:<10} steps {cost['steps'][name]:<16} UNet calls {c['calls']:4d}   image evaluations "
+                  f"{c['rows']:5d}   {c['seconds']:7.2f} s   x{c['seconds'] / plain_cost['seconds']:.1f}")
+        # memory at the model's own size (the inversions take images of that size): 4 plain images vs one transfer
+        plain_mem = peak_memory(toy, device, "plain", side)
+        transfer_mem = peak_memory(toy, device, "transfer", side)
+        cost["memory"] = {"side": side, "plain": plain_mem, "transfer": transfer_mem}
+        work = [peak - base for base, peak in (plain_mem, transfer_mem)]
+        print(f"  {what} above the loaded model at {side}x{side}: 4 plain images {work[0] / 2**20:.1f} MiB, one transfer "
+              f"(10 steps, 6 rows per UNet call) {work[1] / 2**20:.1f} MiB   x{work[1] / max(work[0], 1):.2f}")
 
-    print(f"\n## 6. Bounded Attention on '{toy}' at {side}x{side}: seconds per image (50 steps, 15 guided)")
-    results["layout"] = layout_cost(toy_pipe, toy_recipe, device, quick)
-    plain_s = results["layout"]["seconds"]["plain"]
-    for name, sec in results["layout"]["seconds"].items():
-        print(f"  {name:<34} {sec:7.2f} s   x{sec / plain_s:.1f}")
-    print(f"  {what} above the loaded model, one image, 4 steps (2 guided, 2 iterations), fresh process each:")
-    results["layout"]["memory"] = {}
-    for mside in (side,) if quick else (side, 256):
-        row = {}
-        for condition, label in (("layout-plain", "plain"), ("layout-guidance", "layout guidance"),
-                                 ("layout-bounded", "bounded, masks as SDPA biases"),
-                                 ("layout-explicit", "bounded, every layer explicit")):
-            base, peak = peak_memory(toy, device, condition, mside)
-            row[label] = {"before": base, "peak": peak}
-        results["layout"]["memory"][mside] = row
-        plain_w = max(1, row["plain"]["peak"] - row["plain"]["before"])
-        for label, m in row.items():
-            work = m["peak"] - m["before"]
-            print(f"  {mside}x{mside} {label:<30} {work / 2**20:9.1f} MiB   x{work / plain_w:5.2f}")
+    if 6 in only:
+        print(f"\n## 6. Bounded Attention on '{toy}' at {side}x{side}: seconds per image (50 steps, 15 guided)")
+        results["layout"] = layout_cost(toy_pipe, toy_recipe, device, quick)
+        plain_s = results["layout"]["seconds"]["plain"]
+        for name, sec in results["layout"]["seconds"].items():
+            print(f"  {name:<34} {sec:7.2f} s   x{sec / plain_s:.1f}")
+        print(f"  {what} above the loaded model, one image, 4 steps (2 guided, 2 iterations), fresh process each:")
+        results["layout"]["memory"] = {}
+        for mside in (side,) if quick else (side, 256):
+            row = {}
+            for condition, label in (("layout-plain", "plain"), ("layout-guidance", "layout guidance"),
+                                     ("layout-bounded", "bounded, masks as SDPA biases"),
+                                     ("layout-explicit", "bounded, every layer explicit")):
+                base, peak = peak_memory(toy, device, condition, mside)
+                row[label] = {"before": base, "peak": peak}
+            results["layout"]["memory"][mside] = row
+            plain_w = max(1, row["plain"]["peak"] - row["plain"]["before"])
+            for label, m in row.items():
+                work = m["peak"] - m["before"]
+                print(f"  {mside}x{mside} {label:<30} {work / 2**20:9.1f} MiB   x{work / plain_w:5.2f}")
+
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
     return 0
