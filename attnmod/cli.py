@@ -741,6 +741,15 @@ def cmd_layout(args) -> int:
         _check_replay(args, pipe, recipe)
     base = _base_recipe(args, pipe, args.prompt, args.seed)
     guards.check_job_size(args.images, base.steps, base.width, base.height, args.yes)
+    if recipe is None:  # the model's own layout settings (the embedded model's blocks), unless --option sets them
+        from dataclasses import fields
+
+        from .defaults import model_defaults
+
+        named = {f.name for f in fields(BoundedOptions)}
+        given = {n.partition("=")[0].strip().replace("-", "_") for n in args.option}
+        model = {k: v for k, v in model_defaults(pipe).get("layout", {}).items() if k in named and k not in given}
+        options = dc_replace(options, **model)
     run = {"bounded": bounded, "guidance": layout_guidance, "none": bounded}[args.method]
     subjects = [] if args.method == "none" else args.box
     progress = None if args.quiet else (lambda step, it, loss: print(f"step {step} iteration {it}: loss {loss:.3f}",

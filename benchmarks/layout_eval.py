@@ -109,19 +109,29 @@ def main(argv=None) -> int:
         methods[name] = with_settings(BoundedOptions(), settings.split(","))
     results, figure = {}, []
     for name, options in methods.items():
-        rows, seconds = [], 0.0
+        rows, seconds, runs, skipped = [], 0.0, 0, []
         for i, scene in enumerate(scenes):
             subjects = subjects_of(scene)
             for seed in range(args.seeds):
                 t = time.perf_counter()
-                r = bounded(pipe, dataset.caption(scene), [] if name == "none" else subjects, options, steps=args.steps,
-                        guidance=args.guidance, seed=seed)
+                try:
+                    r = bounded(pipe, dataset.caption(scene), [] if name == "none" else subjects, options, steps=args.steps,
+                                guidance=args.guidance, seed=seed)
+                except ValueError as e:  # e.g. a box smaller than a cell of the layers the settings read
+                    skipped.append(f"scene {i}: {e}")
+                    break
                 seconds += time.perf_counter() - t
+                runs += 1
                 rows += read_subjects(r.images[0], scene)
                 if args.figure and seed == 0 and i < args.figure_rows:
                     figure.append((i, name, overlay(r.images[0], subjects, r.masks[0] if r.masks.numel() else None,
                                                     size=128)))
-        results[name] = {**summarise(rows), "seconds_per_image": seconds / (len(scenes) * args.seeds)}
+        if not rows:
+            results[name] = {"subjects": 0, "skipped_scenes": len(skipped), "why": skipped[:3]}
+            print(name, json.dumps(results[name]), flush=True)
+            continue
+        results[name] = {**summarise(rows), "seconds_per_image": seconds / max(1, runs),
+                         "skipped_scenes": len(skipped), "why": skipped[:3]}
         print(name, json.dumps(results[name]), flush=True)
     report = {"model": str(args.model or "embedded"), "scenes": len(scenes), "same_shape_scenes": same,
               "seeds": args.seeds, "steps": args.steps, "guidance": args.guidance, "threads": args.threads,
@@ -132,8 +142,12 @@ def main(argv=None) -> int:
     print("| method | subjects in box (centroid) | mean IoU | IoU >= 0.5 | right colour and shape | neglected | s/image |")
     print("|---|---|---|---|---|---|---|")
     for name, r in results.items():
+        if not r["subjects"]:
+            print(f"| {name} | every scene skipped: {r['why'][0] if r['why'] else ''} |")
+            continue
         print(f"| {name} | {r['in_box']:.0%} | {r['iou']:.2f} | {r['iou_0.5']:.0%} | {r['colour_shape']:.0%} | "
-              f"{r['neglected']:.0%} | {r['seconds_per_image']:.1f} |")
+              f"{r['neglected']:.0%} | {r['seconds_per_image']:.1f} |"
+              + (f" ({r['skipped_scenes']} scenes skipped)" if r["skipped_scenes"] else ""))
     if args.figure:
         from PIL import Image
 

@@ -306,3 +306,19 @@ def test_cli_layout_words_not_in_the_prompt(sd_folder, tmp_path, capsys):
     assert code == 2 and len(err.splitlines()) == 1
     assert "'green star' is not in the prompt" in err and "a red circle and a blue square" in err
     assert not list((tmp_path / "o").glob("*.png"))
+
+
+def test_cli_layout_uses_the_embedded_models_blocks_unless_told(tmp_path, capsys):
+    from PIL import Image
+
+    from attnmod.cli import main
+    from attnmod.defaults import TOY_LAYOUT
+
+    base = ["layout", "--prompt", "a large red circle, a large blue square", "--box", "red circle=0,0,0.5,0.5",
+            "--box", "blue square=0.5,0.5,1,1", "--steps", "3", "--option", "guidance_steps=1", "--quiet"]
+    assert main([*base, "--out", str(tmp_path / "a")]) == 0
+    options = json.loads(Image.open(tmp_path / "a" / "image.png").text["attnmod_layout"])["options"]
+    assert options["loss_blocks"] == TOY_LAYOUT["loss_blocks"] and options["mask_blocks"] == TOY_LAYOUT["mask_blocks"]
+    assert main([*base, "--option", "loss_blocks=none", "--out", str(tmp_path / "b")]) == 0
+    options = json.loads(Image.open(tmp_path / "b" / "image.png").text["attnmod_layout"])["options"]
+    assert options["loss_blocks"] is None and options["mask_blocks"] == TOY_LAYOUT["mask_blocks"]
