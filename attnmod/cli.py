@@ -183,7 +183,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--recipe", help="remake the images of a PNG written by attnmod layout")
     p.add_argument("--out", required=True, help="output folder")
 
-    for name in ("generate", "scan", "strategy", "influence", "maps", "edit", "style", "transfer", "layout"):
+    p = sub.add_parser("panorama", help="MultiDiffusion: a wide image from overlapping windows, optionally in a "
+                                        "reference's style (StyleAligned)")
+    _gen_args(p, required=False)
+    p.add_argument("--width", type=guards.positive_int, help="panorama width in pixels (the window's plus a multiple "
+                                                              "of stride x 8)")
+    p.add_argument("--height", type=guards.positive_int, help="panorama height (default: the model's size)")
+    p.add_argument("--stride", type=guards.positive_int, default=8, help="latent pixels between windows (8)")
+    p.add_argument("--seed", type=guards.seed, default=0)
+    p.add_argument("--style-prompt", help="a generated style reference: its prompt (every window shares its style)")
+    p.add_argument("--style-seed", type=guards.seed, help="seed of --style-prompt (default: --seed)")
+    p.add_argument("--style-ref", help="a real style reference image (DDIM-inverted; the model's size); "
+                                       "needs --style-ref-prompt describing it")
+    p.add_argument("--style-ref-prompt", help="what --style-ref shows")
+    p.add_argument("--recipe", help="remake the panorama of a PNG written by attnmod panorama")
+    p.add_argument("--out", required=True, help="output folder")
+
+    for name in ("generate", "scan", "strategy", "influence", "maps", "edit", "style", "transfer", "layout", "panorama"):
         sub.choices[name].add_argument("--quiet", action="store_true", help="no progress bar")
     try:
         from .toy import cli as toy_cli
@@ -355,6 +371,10 @@ def _read_command_recipe(path: str, command: str):
         from .methods.transfer import TransferOptions as Options
 
         keys, options_key = {"structure": (str, dict), "appearance": (str, dict), "options": dict}, "options"
+    elif command == "panorama":
+        from .methods.panorama import PanoramaOptions as Options
+
+        keys, options_key = {"style": (dict, type(None)), "options": dict}, "options"
     elif command == "layout":
         from .methods.bounded import BoundedOptions as Options
 
@@ -771,8 +791,61 @@ def cmd_layout(args) -> int:
     return 0
 
 
+def cmd_panorama(args) -> int:
+    from dataclasses import replace as dc_replace
+
+    from .methods.panorama import PanoramaOptions, panorama
+    from .recipe import save_png
+
+    guards.check_output_dir(args.out)
+    recipe, info = _read_command_recipe(args.recipe, "panorama") if args.recipe else (None, {})
+    if recipe is not None:  # remake exactly: prompt, size, windows, style reference from the PNG
+        style = info["style"] or {}
+        args.prompt, args.seed, args.width, args.height = recipe.prompt, recipe.seed, recipe.width, recipe.height
+        args.steps, args.guidance, args.negative_prompt = recipe.steps, recipe.guidance, recipe.negative_prompt
+        args.stride = int(info["options"].get("stride", 8))
+        args.style_prompt, args.style_seed = style.get("prompt"), style.get("seed")
+        args.style_ref, args.style_ref_prompt = style.get("image"), style.get("image_prompt")
+        args.model = _recipe_model(args, recipe)
+    if not args.prompt or not args.width:
+        raise ValueError("give --prompt and --width (or --recipe)")
+    if args.style_ref and not args.style_ref_prompt:
+        raise ValueError("--style-ref needs --style-ref-prompt describing the image (used for its inversion)")
+    if args.style_ref and args.style_prompt:
+        raise ValueError("give --style-prompt or --style-ref, not both")
+    image = _read_image(args.style_ref, "--style-ref") if args.style_ref else None
+    args.ref_prompt = args.style_prompt or args.style_ref_prompt  # checked against the model's grammar by _load
+    pipe = _load(args)
+    if recipe is not None:
+        _check_replay(args, pipe, recipe)
+    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    height = args.height or size
+    args.size = (size, size)  # the windows are the model's native size
+    base = dc_replace(_base_recipe(args, pipe, args.prompt, args.seed), width=args.width, height=height)
+    guards.check_job_size(1, base.steps, base.width, base.height, args.yes)
+    options = PanoramaOptions(stride=args.stride)
+    reference = args.ref_prompt
+    progress = None if args.quiet else (lambda i, x: print(f"step {i + 1}/{base.steps}", file=sys.stderr))
+    result = panorama(pipe, base.prompt, base.width, base.height, steps=base.steps, guidance=base.guidance,
+                      seed=base.seed, options=options, reference=reference, reference_seed=args.style_seed,
+                      reference_image=image, callback=progress)
+    style = None
+    if reference:
+        style = ({"prompt": args.style_prompt, "seed": args.style_seed} if args.style_prompt else
+                 {"image": str(Path(args.style_ref).resolve()), "image_prompt": args.style_ref_prompt})
+    chunk = {"attnmod_panorama": {"style": style, "options": {"stride": options.stride}}}
+    out = Path(args.out)
+    written = [save_png(result.image, out / "panorama.png", base, extra=chunk)]
+    if result.reference is not None:
+        ref_recipe = dc_replace(base, prompt=reference, width=size, height=size,
+                                seed=base.seed if args.style_seed is None else args.style_seed)
+        written.append(save_png(result.reference, out / "reference.png", ref_recipe, extra=chunk))
+    print(f"wrote {', '.join(str(p) for p in written)} ({len(result.views)} windows)")
+    return 0
+
+
 COMMANDS = {"blocks": cmd_blocks, "maps": cmd_maps, "edit": cmd_edit, "style": cmd_style, "generate": cmd_generate, "scan": cmd_scan, "strategy": cmd_strategy,
-            "influence": cmd_influence, "transfer": cmd_transfer, "layout": cmd_layout}
+            "influence": cmd_influence, "transfer": cmd_transfer, "layout": cmd_layout, "panorama": cmd_panorama}
 
 
 _VALUE_OPTIONS = ("--start", "--rate", "--accel", "--setting", "--seed", "--mod")

@@ -1,0 +1,94 @@
+"""MultiDiffusion panoramas: windows, their averaging, one window = the stock pipeline, the style reference = its own
+generation, chunked windows = all at once, processors restored, bad sizes."""
+
+import numpy as np
+import pytest
+import torch
+
+from attnmod.methods.panorama import PanoramaOptions, average_views, panorama, views
+from attnmod.tiny import tiny_sd15, tiny_sdxl
+
+
+@pytest.fixture(scope="module", params=["sd15", "sdxl"])
+def pipe(request):
+    p = tiny_sd15() if request.param == "sd15" else tiny_sdxl()
+    p.set_progress_bar_config(disable=True)
+    return p
+
+
+def _stock(pipe, prompt, seed):
+    return pipe(prompt, num_inference_steps=3, guidance_scale=7.5, generator=torch.Generator().manual_seed(seed),
+                output_type="np").images[0]
+
+
+def test_views_hand_case_and_bad_widths():
+    assert views(16, 48, (16, 16), 8) == [(0, 0, 16, 16), (0, 8, 16, 24), (0, 16, 16, 32), (0, 24, 16, 40),
+                                          (0, 32, 16, 48)]
+    assert views(24, 16, (16, 16), 8) == [(0, 0, 16, 16), (8, 0, 24, 16)]
+    with pytest.raises(ValueError, match="latent width 44 must be the window's 16 plus a multiple of the stride 8"):
+        views(16, 44, (16, 16), 8)
+    with pytest.raises(ValueError, match="latent width 8"):
+        views(16, 8, (16, 16), 8)
+
+
+def test_average_views_hand_case():
+    crops = [torch.full((1, 1, 1, 2), 1.0), torch.full((1, 1, 1, 2), 3.0)]
+    out = average_views((1, 1, 1, 3), [(0, 0, 1, 2), (0, 1, 1, 3)], crops)
+    assert out.flatten().tolist() == [1.0, 2.0, 3.0]  # the overlap is the mean of the two windows
+
+
+def test_one_window_is_the_stock_pipeline(pipe):
+    side = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    one = panorama(pipe, "a red cat", width=side, steps=3, guidance=7.5, seed=0)
+    assert np.array_equal(one.image, _stock(pipe, "a red cat", 0))
+
+
+def test_reference_is_its_own_generation_and_styles_the_panorama(pipe):
+    before = dict(pipe.unet.attn_processors)
+    side = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    width = side + 5 * 8 * pipe.vae_scale_factor  # 6 windows
+    plain = panorama(pipe, "a red cat", width=width, steps=3, guidance=7.5, seed=0)
+    styled = panorama(pipe, "a red cat", width=width, steps=3, guidance=7.5, seed=0, reference="a blue dog",
+                      reference_seed=5)
+    assert styled.image.shape == (side, width, 3) and len(styled.views) == 6
+    assert np.abs(styled.reference - _stock(pipe, "a blue dog", 5)).max() < 1e-5  # it attends to itself only
+    assert np.abs(styled.image - plain.image).max() > 1e-2
+    chunked = panorama(pipe, "a red cat", width=width, steps=3, guidance=7.5, seed=0, reference="a blue dog",
+                       reference_seed=5, options=PanoramaOptions(view_batch=3))
+    assert np.array_equal(chunked.image, styled.image)
+    assert np.array_equal(panorama(pipe, "a red cat", width=width, steps=3, guidance=7.5, seed=0,
+                                   options=PanoramaOptions(view_batch=4)).image, plain.image)
+    assert dict(pipe.unet.attn_processors) == before
+
+
+def test_bad_input(pipe):
+    side = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    with pytest.raises(ValueError, match="plus a multiple of the stride"):
+        panorama(pipe, "a red cat", width=side + 4 * pipe.vae_scale_factor, steps=2)
+    with pytest.raises(ValueError, match="view_batch must divide"):
+        panorama(pipe, "a red cat", width=side + 16 * pipe.vae_scale_factor, steps=2, reference="a dog",
+                 options=PanoramaOptions(view_batch=2))
+    with pytest.raises(ValueError, match="needs the prompt"):
+        panorama(pipe, "a red cat", width=side, steps=2, reference_image=object())
+
+
+def test_cli_panorama_writes_and_remakes(sd_folder, tmp_path, capsys):
+    from PIL import Image
+
+    from attnmod.cli import main
+
+    out = tmp_path / "p"
+    args = ["panorama", "--model", str(sd_folder), "--prompt", "a red cat", "--width", "64", "--steps", "2",
+            "--style-prompt", "a blue dog", "--style-seed", "3", "--out", str(out), "--quiet"]
+    assert main(args) == 0
+    image = np.asarray(Image.open(out / "panorama.png"))
+    assert image.shape == (32, 64, 3) and (out / "reference.png").exists()
+    assert main(["panorama", "--recipe", str(out / "panorama.png"), "--out", str(tmp_path / "again"), "--quiet"]) == 0
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "again" / "panorama.png")), image)
+    code = main(["panorama", "--model", str(sd_folder), "--prompt", "a red cat", "--width", "72", "--steps", "2",
+                 "--out", str(tmp_path / "bad")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "plus a multiple of the stride" in err and len(err.splitlines()) == 1
+    assert main(["panorama", "--model", str(sd_folder), "--prompt", "a red cat", "--width", "64",
+                 "--style-ref", "x.png", "--out", str(tmp_path / "bad2")]) == 2
+    assert "--style-ref-prompt" in capsys.readouterr().err
