@@ -65,9 +65,9 @@ def average_views(shape, windows: Sequence[tuple[int, int, int, int]], crops: Se
     crops: one (B, C, h, w) per window."""
     value = torch.zeros(shape, dtype=crops[0].dtype, device=crops[0].device)
     count = torch.zeros(shape, dtype=crops[0].dtype, device=crops[0].device)
-    for (t, l, b, r), crop in zip(windows, crops, strict=True):
-        value[..., t:b, l:r] += crop
-        count[..., t:b, l:r] += 1
+    for (top, left, bottom, right), crop in zip(windows, crops, strict=True):
+        value[..., top:bottom, left:right] += crop
+        count[..., top:bottom, left:right] += 1
     return value / count.clamp(min=1)
 
 
@@ -144,7 +144,7 @@ def _decode(pipe, latents: torch.Tensor) -> np.ndarray:
 def panorama(pipe, prompt: str, width: int, height: int | None = None, *, steps: int = 20, guidance: float = 7.5,
              seed: int = 0, negative_prompt: str = "", options: PanoramaOptions = PanoramaOptions(),
              reference: str | None = None, reference_seed: int | None = None, reference_image=None,
-             style: StyleAlignedOptions = StyleAlignedOptions(),
+             style: StyleAlignedOptions | None = None,
              callback: Callable[[int, torch.Tensor], None] | None = None) -> PanoramaResult:
     """A ``width`` × ``height`` image of ``prompt`` (height: the model's size), optionally in the style of
     ``reference``: a prompt, generated with ``reference_seed`` (default ``seed``) at the window's size, or — with
@@ -189,7 +189,7 @@ def panorama(pipe, prompt: str, width: int, height: int | None = None, *, steps:
                                     view_batch=options.view_batch, callback=callback)
     else:
         per_call = options.view_batch or len(windows)
-        with style_aligned(pipe, images=1 + min(per_call, len(windows)), options=style):
+        with style_aligned(pipe, images=1 + min(per_call, len(windows)), options=style or StyleAlignedOptions()):
             if len(windows) % per_call:
                 raise ValueError(f"with a style reference, view_batch must divide the {len(windows)} windows")
             latents, ref_latent = multidiffusion(pipe.unet, pipe.scheduler, latents, windows, conditioning, guidance,
