@@ -145,6 +145,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--blocks", default="self", help="self-attention blocks that share (selector, e.g. U*)")
     p.add_argument("--option", action="append", default=[], metavar="NAME=VALUE",
                    help="any StyleAlignedOptions field, e.g. adain_values=true (repeatable; default: published)")
+    p.add_argument("--save-reference", metavar="FILE.safetensors",
+                   help="compute the reference (the first prompt, or --ref-image) once and save it for --reference")
+    p.add_argument("--reference", metavar="FILE.safetensors",
+                   help="a saved reference: every --prompt is a target, the reference is not run again (its steps, "
+                        "guidance and size are the defaults)")
+    p.add_argument("--control", action="append", default=[], metavar="IMG",
+                   help="a ControlNet control image per target prompt, in order, of the output size (repeatable; "
+                        "the reference gets no control)")
+    p.add_argument("--controlnet", metavar="PATH",
+                   help="a diffusers ControlNet folder for --control, or embedded-zero: one built from the model's "
+                        "own UNet encoder, zero-initialised, so it adds nothing (a demo of the plumbing)")
+    p.add_argument("--control-scale", type=float, default=1.0, help="ControlNet conditioning scale (default 1)")
     p.add_argument("--out", required=True, help="output folder")
 
     p = sub.add_parser("transfer", help="Cross-Image Attention: the structure image's layout in the appearance "
@@ -591,23 +603,54 @@ def cmd_edit(args) -> int:
 
 
 def cmd_style(args) -> int:
+    import math
     from dataclasses import replace as dc_replace
 
     from .grid import side_by_side
-    from .methods.style_aligned import StyleAlignedOptions, generate_style_set
+    from .methods.style_aligned import (
+        StyleAlignedOptions,
+        check_controls,
+        controlnet_pipeline,
+        generate_style_set,
+        load_controlnet,
+        zero_controlnet,
+    )
+    from .methods.style_reference import StyleReference, compute_reference
     from .recipe import save_png, to_pil, write_image
 
     guards.check_output_dir(args.out)
     recipe, info = _read_command_recipe(args.recipe, "style") if args.recipe else (None, {})
-    if recipe is not None:  # remake the set exactly: prompts, seeds, sampling, options from the PNG
+    computed = bool(args.save_reference)  # the reference run alone, then the targets against it
+    if recipe is not None:  # remake the set exactly: prompts, seeds, sampling, options, reference, controls
+        kinds = {"seed": int, "reference_mode": str, "reference_file": (str, type(None)), "controls": (list, type(None)),
+                 "controlnet": (str, type(None)), "control_scale": (int, float)}
+        bad = [k for k, kind in kinds.items() if k in info and not isinstance(info[k], kind)]
+        if bad:
+            raise ValueError(f"{args.recipe}: its attnmod_style chunk is corrupt ({bad[0]} is of the wrong type)")
         args.prompt, args.style, args.ref_image, args.ref_prompt = info["prompts"], "", info["ref_image"], info[
             "ref_prompt"]
-        args.seed, args.steps, args.guidance = recipe.seed - info["index"], recipe.steps, recipe.guidance
+        args.seed, args.steps, args.guidance = info.get("seed", recipe.seed - info["index"]), recipe.steps, \
+            recipe.guidance
         args.size, args.negative_prompt = (recipe.width, recipe.height), recipe.negative_prompt
         args.model = _recipe_model(args, recipe)
-    if not args.prompt:
+        args.reference, args.save_reference = info.get("reference_file"), None
+        computed = info.get("reference_mode") == "computed"  # remade the same way, without writing the file
+        args.control, args.controlnet = info.get("controls") or [], info.get("controlnet")
+        args.control_scale = info.get("control_scale", 1.0)
+    if args.reference and (args.ref_image or args.ref_prompt or computed):
+        raise ValueError("--reference replays a saved reference: no --ref-image, --ref-prompt or --save-reference")
+    if not args.prompt and not (computed and args.ref_image):
         raise ValueError("give at least one --prompt (or --recipe)")
-    prompts = [", ".join(p for p in (prompt, args.style) if p) for prompt in args.prompt]
+    if args.save_reference:
+        guards.check_output_file(args.save_reference, "--save-reference", (".safetensors",))
+    if bool(args.control) != bool(args.controlnet):
+        raise ValueError("--control images need --controlnet (a diffusers ControlNet folder, or embedded-zero), and "
+                         "--controlnet needs --control images, one per target prompt")
+    if not math.isfinite(args.control_scale) or args.control_scale < 0:
+        raise ValueError(f"--control-scale must be a finite number >= 0, got {args.control_scale}")
+    if args.controlnet not in (None, "embedded-zero") and not (Path(args.controlnet) / "config.json").is_file():
+        raise ValueError(f"--controlnet {args.controlnet}: not a diffusers ControlNet folder (no config.json)")
+    prompts = [", ".join(p for p in (prompt, args.style) if p) for prompt in args.prompt or []]
     reference = None
     if args.ref_image:
         try:
@@ -615,30 +658,67 @@ def cmd_style(args) -> int:
                 reference = im.convert("RGB")
         except (OSError, ValueError) as e:
             raise ValueError(f"cannot read the reference image {args.ref_image}: {e}") from None
+    controls = [_read_image(path, "--control") for path in args.control]
+    saved = StyleReference.load(args.reference) if args.reference else None
+    if saved is not None:  # checked whole before the model loads; its sampling is the default
+        saved.check(model=args.model or DEFAULT_MODEL)
+        args.steps = args.steps or saved.info.steps
+        args.guidance = saved.info.guidance if args.guidance is None else args.guidance
+        args.size = args.size or (saved.info.width, saved.info.height)
+        saved.check(width=args.size[0], height=args.size[1], steps=args.steps, guidance=args.guidance)
     args.prompt = prompts + ([args.ref_prompt] if args.ref_prompt else [])
     pipe = _load(args)
     if recipe is not None:
         _check_replay(args, pipe, recipe)
-    base = _base_recipe(args, pipe, prompts[0], args.seed)
-    guards.check_job_size(len(prompts) + bool(reference), base.steps, base.width, base.height, args.yes)
+    base = _base_recipe(args, pipe, prompts[0] if prompts else args.ref_prompt, args.seed)
     options = (StyleAlignedOptions(**info["style_aligned"]) if recipe
                else StyleAlignedOptions(blocks=args.blocks).with_settings(args.option))
-    images = generate_style_set(pipe, prompts, seed=base.seed, steps=base.steps, guidance=base.guidance,
-                                width=base.width, height=base.height, options=options, reference_image=reference,
-                                reference_prompt=args.ref_prompt)
-    names = (["reference"] if reference is not None else []) + prompts
+    if computed and options.reference != 0:
+        raise ValueError("with --save-reference the first prompt (or --ref-image) is the reference: leave the "
+                         "option reference at 0")
+    targets = prompts[1:] if saved is None and reference is None else prompts  # the first prompt: the reference
+    if args.controlnet:
+        check_controls(controls, len(targets), base.width, base.height)
+    guards.check_job_size(len(prompts) + bool(reference), base.steps, base.width, base.height, args.yes)
+    run = pipe
+    if args.controlnet:
+        controlnet = zero_controlnet(pipe) if args.controlnet == "embedded-zero" else load_controlnet(
+            args.controlnet, pipe)
+        run = controlnet_pipeline(pipe, controlnet)
+    sampling = {"seed": base.seed, "steps": base.steps, "guidance": base.guidance, "width": base.width,
+                "height": base.height, "options": options, "controls": controls or None,
+                "control_scale": args.control_scale}
+    if computed:
+        saved = compute_reference(pipe, args.ref_prompt if reference is not None else prompts[0], seed=base.seed,
+                                  steps=base.steps, guidance=base.guidance, width=base.width, height=base.height,
+                                  image=reference, options=options, model=args.model)
+        if args.save_reference:
+            saved.save(args.save_reference)
+    if saved is not None:
+        images = generate_style_set(run, targets, saved_reference=saved, **sampling)
+        names = [saved.info.prompt, *targets]
+    else:
+        images = generate_style_set(run, prompts, reference_image=reference, reference_prompt=args.ref_prompt,
+                                    **sampling)
+        names = ([args.ref_prompt] if reference is not None else []) + prompts
+    mode = "file" if args.reference else "computed" if computed else "joint"
+    set_info = {"style_aligned": options.__dict__, "prompts": prompts, "seed": base.seed, "ref_image": args.ref_image,
+                "ref_prompt": args.ref_prompt, "reference_mode": mode,
+                "reference_file": str(Path(args.reference).resolve()) if args.reference else None,
+                "controls": [str(Path(c).resolve()) for c in args.control] or None,
+                "controlnet": (args.controlnet if args.controlnet in (None, "embedded-zero")
+                               else str(Path(args.controlnet).resolve())), "control_scale": args.control_scale}
     out = Path(args.out)
     tiles = []
     for i, (image, prompt) in enumerate(zip(images, names, strict=True)):
-        recipe = dc_replace(base, prompt=args.ref_prompt if reference is not None and i == 0 else prompt,
-                            seed=base.seed + i)
-        set_info = {"style_aligned": options.__dict__, "prompts": prompts, "index": i,
-                    "ref_image": args.ref_image, "ref_prompt": args.ref_prompt}
-        save_png(image, out / f"{i:02d}.png", recipe, extra={"attnmod_style": set_info})
+        seed = saved.info.seed if mode == "file" and i == 0 and saved.info.seed is not None else base.seed + i
+        save_png(image, out / f"{i:02d}.png", dc_replace(base, prompt=prompt, seed=seed),
+                 extra={"attnmod_style": {**set_info, "index": i}})
         tiles.append(to_pil(image).resize((max(256, base.width),) * 2, Image.NEAREST))
     row = side_by_side(tiles, gap=8)
     write_image(out / "grid.png", row)
-    print(f"wrote {len(images)} images (reference first) and {out}/grid.png")
+    saved_to = f"; saved the reference to {args.save_reference}" if args.save_reference else ""
+    print(f"wrote {len(images)} images (reference first) and {out}/grid.png{saved_to}")
     return 0
 
 
