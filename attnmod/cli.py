@@ -907,7 +907,7 @@ def cmd_panorama(args) -> int:
     reference = args.ref_prompt
     progress = None if args.quiet else (lambda i, x: print(f"step {i + 1}/{base.steps}", file=sys.stderr))
     result = panorama(pipe, base.prompt, base.width, base.height, steps=base.steps, guidance=base.guidance,
-                      seed=base.seed, options=options, reference=reference, reference_seed=args.style_seed,
+                      seed=base.seed, negative_prompt=base.negative_prompt, options=options, reference=reference, reference_seed=args.style_seed,
                       reference_image=image, callback=progress)
     style = None
     if reference:

@@ -92,3 +92,11 @@ def test_cli_panorama_writes_and_remakes(sd_folder, tmp_path, capsys):
     assert main(["panorama", "--model", str(sd_folder), "--prompt", "a red cat", "--width", "64",
                  "--style-ref", "x.png", "--out", str(tmp_path / "bad2")]) == 2
     assert "--style-ref-prompt" in capsys.readouterr().err
+
+
+def test_one_window_with_a_negative_prompt_is_the_stock_pipeline(pipe):
+    side = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    one = panorama(pipe, "a red cat", width=side, steps=3, guidance=7.5, seed=0, negative_prompt="a dog")
+    stock = pipe("a red cat", negative_prompt="a dog", num_inference_steps=3, guidance_scale=7.5,
+                 generator=torch.Generator().manual_seed(0), output_type="np").images[0]
+    assert np.array_equal(one.image, stock)

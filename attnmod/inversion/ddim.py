@@ -29,8 +29,10 @@ def encode_image(pipe, image: Image.Image) -> torch.Tensor:
     return pipe.vae.encode(x).latent_dist.mean * pipe.vae.config.scaling_factor
 
 
-def unet_conditioning(pipe, prompt: str, cfg: bool, size: tuple[int, int] | None = None) -> tuple[torch.Tensor, dict]:
-    """Prompt conditioning for direct UNet calls: (context, extra UNet kwargs), [uncond, cond] with CFG.
+def unet_conditioning(pipe, prompt: str, cfg: bool, size: tuple[int, int] | None = None,
+                      negative_prompt: str = "") -> tuple[torch.Tensor, dict]:
+    """Prompt conditioning for direct UNet calls: (context, extra UNet kwargs), [uncond, cond] with CFG (uncond:
+    ``negative_prompt``).
 
     SD1.x: the text embedding. SDXL: both encoders' embedding plus the pooled embedding and the size
     conditioning (original size = target size = ``size`` (height, width), default the model's native size, no
@@ -38,10 +40,10 @@ def unet_conditioning(pipe, prompt: str, cfg: bool, size: tuple[int, int] | None
     """
     device = pipe.unet.device
     if getattr(pipe, "text_encoder_2", None) is None:
-        cond, uncond = pipe.encode_prompt(prompt, device, 1, cfg, "")
+        cond, uncond = pipe.encode_prompt(prompt, device, 1, cfg, negative_prompt)
         return (torch.cat([uncond, cond]) if cfg else cond), {}
     cond, uncond, pooled, uncond_pooled = pipe.encode_prompt(prompt, device=device, do_classifier_free_guidance=cfg,
-                                                             negative_prompt="")
+                                                             negative_prompt=negative_prompt)
     side = pipe.unet.config.sample_size * pipe.vae_scale_factor
     h, w = size or (side, side)
     time_ids = torch.tensor([[h, w, 0, 0, h, w]], dtype=cond.dtype, device=device)

@@ -158,10 +158,8 @@ def panorama(pipe, prompt: str, width: int, height: int | None = None, *, steps:
         raise ValueError(f"panorama size must be a multiple of {f} pixels, got {width}x{height}")
     windows = views(height // f, width // f, (win, win), options.stride)
     device, dtype = pipe.unet.device, pipe.unet.dtype
-    if negative_prompt:
-        raise ValueError("negative prompts are not supported by panorama yet")
     cfg = guidance > 1
-    conditioning = unet_conditioning(pipe, prompt, cfg, size=(win * f, win * f))
+    conditioning = unet_conditioning(pipe, prompt, cfg, size=(win * f, win * f), negative_prompt=negative_prompt)
     shape = (1, pipe.unet.config.in_channels, height // f, width // f)
     latents = torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(device, dtype)
     pipe.scheduler.set_timesteps(steps, device=device)
