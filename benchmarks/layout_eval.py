@@ -4,9 +4,11 @@ Held-out free-layout scenes of the toy dataset (``toy.evaluate.layout_scenes``: 
 them one shape in several colours), prompted with their captions, which name no place. Each object's box is the
 box the dataset drew it in. Every method starts from the same noise per (scene, seed):
 
-    none      the plain pipeline
-    guidance  layout guidance (Chen et al.): the cross-attention loss on the latents, no masks
-    bounded   Bounded Attention with the reference's settings
+    none                the plain pipeline
+    guidance            layout guidance (Chen et al.): the cross-attention loss on the latents, no masks
+    bounded             Bounded Attention
+    guidance-reference  and bounded-reference: the same with the reference's layers instead of the model's own
+                        (``defaults.model_defaults(pipe)["layout"]``: the embedded model reads its 8x8 blocks)
 
 plus named variants (``--variants``) of BoundedOptions fields. The image is read without any model
 (``toy.evaluate``): each subject is the largest component whose dominant colour is its colour (none: neglected);
@@ -23,6 +25,7 @@ import json
 import os
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -81,10 +84,13 @@ def main(argv=None) -> int:
     ap.add_argument("--model", default=None, help="diffusers folder (default: the embedded model)")
     ap.add_argument("--n2", type=int, default=24, help="two-object scenes")
     ap.add_argument("--n3", type=int, default=12, help="three-object scenes")
+    ap.add_argument("--toy", action="store_true", help="the model is an export of the embedded model's training: "
+                    "use the embedded model's layout settings")
     ap.add_argument("--seeds", type=int, default=1, help="noise seeds per scene")
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--guidance", type=float, default=evaluate.DEFAULT_GUIDANCE)
-    ap.add_argument("--methods", default="none,guidance,bounded")
+    ap.add_argument("--methods", default="none,guidance,bounded",
+                    help="comma-separated: none, guidance, bounded, guidance-reference, bounded-reference")
     ap.add_argument("--variant", action="append", default=[], metavar="NAME:FIELD=V[,FIELD=V]",
                     help="an extra bounded run with these BoundedOptions settings (repeatable)")
     ap.add_argument("--figure", help="write a PNG: per scene (rows) each method's overlay (columns)")
@@ -103,7 +109,16 @@ def main(argv=None) -> int:
     pipe.set_progress_bar_config(disable=True)
     scenes = evaluate.layout_scenes(args.n2, 2) + evaluate.layout_scenes(args.n3, 3)
     same = sum(len({o.shape for o in s.objects}) == 1 for s in scenes)
-    methods = {m: (BoundedOptions() if m == "bounded" else LAYOUT_GUIDANCE) for m in args.methods.split(",")}
+    from attnmod.defaults import TOY_LAYOUT, model_defaults
+
+    # the model's own blocks (the embedded model's 8x8 ones; --toy: a training export of it)
+    own = TOY_LAYOUT if args.toy else model_defaults(pipe).get("layout", {})
+    known = {"none": BoundedOptions(), "guidance": replace(LAYOUT_GUIDANCE, **own), "bounded": replace(
+        BoundedOptions(), **own), "guidance-reference": LAYOUT_GUIDANCE, "bounded-reference": BoundedOptions()}
+    unknown = [m for m in args.methods.split(",") if m not in known]
+    if unknown:
+        ap.error(f"unknown methods {unknown}; choose from {', '.join(known)}")
+    methods = {m: known[m] for m in args.methods.split(",")}
     for v in args.variant:
         name, _, settings = v.partition(":")
         methods[name] = with_settings(BoundedOptions(), settings.split(","))
