@@ -130,7 +130,6 @@ def main(argv=None) -> int:
             sheet.paste(Image.fromarray(to_u8(ref)), (0, y))
             sheet.paste(Image.fromarray(to_u8(a)), (h + 8, y))
             sheet.paste(Image.fromarray(to_u8(b)), (h + 8 + args.width + 8, y))
-        sheet = sheet.resize((sheet.width * 2, sheet.height * 2), Image.NEAREST)
         Path(args.figure).parent.mkdir(parents=True, exist_ok=True)
         sheet.save(args.figure)
     return 0
