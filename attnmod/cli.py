@@ -203,11 +203,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--height", type=guards.positive_int, help="panorama height (default: the model's size)")
     p.add_argument("--stride", type=guards.positive_int, default=8, help="latent pixels between windows (8)")
     p.add_argument("--seed", type=guards.seed, default=0)
-    p.add_argument("--style-prompt", help="a generated style reference: its prompt (every window shares its style)")
-    p.add_argument("--style-seed", type=guards.seed, help="seed of --style-prompt (default: --seed)")
-    p.add_argument("--style-ref", help="a real style reference image (DDIM-inverted; the model's size); "
-                                       "needs --style-ref-prompt describing it")
-    p.add_argument("--style-ref-prompt", help="what --style-ref shows")
+    p.add_argument("--style-prompt", action="append", default=[],
+                   help="a generated style reference: its prompt (repeatable: references anchored from left to right, "
+                        "each window following the two around it)")
+    p.add_argument("--style-seed", type=guards.seed, help="seed of the first --style-prompt, +1 for each next one "
+                                                          "(default: --seed)")
+    p.add_argument("--style-ref", action="append", default=[],
+                   help="a real style reference image (DDIM-inverted; the model's size; repeatable like --style-prompt)")
+    p.add_argument("--style-ref-prompt", action="append", default=[], help="what each --style-ref shows, in order")
     p.add_argument("--recipe", help="remake the panorama of a PNG written by attnmod panorama")
     p.add_argument("--out", required=True, help="output folder")
 
@@ -222,7 +225,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-_PROMPT_ARGS = ("prompt", "negative_prompt", "to", "ref_prompt", "structure_prompt", "appearance_prompt")
+_PROMPT_ARGS = ("prompt", "negative_prompt", "to", "ref_prompt", "structure_prompt", "appearance_prompt",
+                "style_texts")
 
 
 def _load(args, model: str | None = None):
@@ -386,7 +390,7 @@ def _read_command_recipe(path: str, command: str):
     elif command == "panorama":
         from .methods.panorama import PanoramaOptions as Options
 
-        keys, options_key = {"style": (dict, type(None)), "options": dict}, "options"
+        keys, options_key = {"style": list, "options": dict}, "options"
     elif command == "layout":
         from .methods.bounded import BoundedOptions as Options
 
@@ -874,52 +878,64 @@ def cmd_layout(args) -> int:
 def cmd_panorama(args) -> int:
     from dataclasses import replace as dc_replace
 
-    from .methods.panorama import PanoramaOptions, panorama
+    from .methods.panorama import PanoramaOptions, StyleRef, panorama
     from .recipe import save_png
 
     guards.check_output_dir(args.out)
     recipe, info = _read_command_recipe(args.recipe, "panorama") if args.recipe else (None, {})
-    if recipe is not None:  # remake exactly: prompt, size, windows, style reference from the PNG
-        style = info["style"] or {}
+    if recipe is not None:  # remake exactly: prompt, size, windows, style references from the PNG
+        try:
+            refs = [dict(r) for r in info["style"]]
+            args.style_prompt = [str(r["prompt"]) for r in refs if "image" not in r]
+            args.style_ref = [str(r["image"]) for r in refs if "image" in r]
+            args.style_ref_prompt = [str(r["prompt"]) for r in refs if "image" in r]
+            seeds = [r.get("seed") for r in refs if "image" not in r]
+        except (TypeError, ValueError, KeyError) as e:
+            raise ValueError(f"{args.recipe}: its attnmod_panorama chunk is corrupt ({e})") from None
+        args.style_seed = seeds[0] if seeds else None
         args.prompt, args.seed, args.width, args.height = recipe.prompt, recipe.seed, recipe.width, recipe.height
         args.steps, args.guidance, args.negative_prompt = recipe.steps, recipe.guidance, recipe.negative_prompt
         args.stride = int(info["options"].get("stride", 8))
-        args.style_prompt, args.style_seed = style.get("prompt"), style.get("seed")
-        args.style_ref, args.style_ref_prompt = style.get("image"), style.get("image_prompt")
         args.model = _recipe_model(args, recipe)
     if not args.prompt or not args.width:
         raise ValueError("give --prompt and --width (or --recipe)")
-    if args.style_ref and not args.style_ref_prompt:
-        raise ValueError("--style-ref needs --style-ref-prompt describing the image (used for its inversion)")
+    if len(args.style_ref) != len(args.style_ref_prompt):
+        raise ValueError(f"give one --style-ref-prompt per --style-ref (describing it, for its inversion): "
+                         f"{len(args.style_ref)} images, {len(args.style_ref_prompt)} prompts")
     if args.style_ref and args.style_prompt:
-        raise ValueError("give --style-prompt or --style-ref, not both")
-    image = _read_image(args.style_ref, "--style-ref") if args.style_ref else None
-    args.ref_prompt = args.style_prompt or args.style_ref_prompt  # checked against the model's grammar by _load
+        raise ValueError("give --style-prompt or --style-ref references, not both")
+    images = [_read_image(path, "--style-ref") for path in args.style_ref]
+    args.ref_prompt = None
+    args.style_texts = args.style_prompt or args.style_ref_prompt  # checked against the model's grammar by _load
     pipe = _load(args)
     if recipe is not None:
         _check_replay(args, pipe, recipe)
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
-    height = args.height or size
     args.size = (size, size)  # the windows are the model's native size
-    base = dc_replace(_base_recipe(args, pipe, args.prompt, args.seed), width=args.width, height=height)
+    base = dc_replace(_base_recipe(args, pipe, args.prompt, args.seed), width=args.width,
+                      height=args.height or size)
     guards.check_job_size(1, base.steps, base.width, base.height, args.yes)
     options = PanoramaOptions(stride=args.stride)
-    reference = args.ref_prompt
+    first = base.seed if args.style_seed is None else args.style_seed
+    if images:
+        refs = [StyleRef(p, image=im) for p, im in zip(args.style_texts, images, strict=True)]
+        style = [{"prompt": p, "image": str(Path(path).resolve())} for p, path in zip(args.style_texts,
+                                                                                     args.style_ref, strict=True)]
+    else:
+        refs = [StyleRef(p, seed=first + k) for k, p in enumerate(args.style_texts)]
+        style = [{"prompt": r.prompt, "seed": r.seed} for r in refs]
     progress = None if args.quiet else (lambda i, x: print(f"step {i + 1}/{base.steps}", file=sys.stderr))
     result = panorama(pipe, base.prompt, base.width, base.height, steps=base.steps, guidance=base.guidance,
-                      seed=base.seed, negative_prompt=base.negative_prompt, options=options, reference=reference, reference_seed=args.style_seed,
-                      reference_image=image, callback=progress)
-    style = None
-    if reference:
-        style = ({"prompt": args.style_prompt, "seed": args.style_seed} if args.style_prompt else
-                 {"image": str(Path(args.style_ref).resolve()), "image_prompt": args.style_ref_prompt})
+                      seed=base.seed, negative_prompt=base.negative_prompt, options=options, references=refs,
+                      callback=progress)
     chunk = {"attnmod_panorama": {"style": style, "options": {"stride": options.stride}}}
     out = Path(args.out)
     written = [save_png(result.image, out / "panorama.png", base, extra=chunk)]
-    if result.reference is not None:
-        ref_recipe = dc_replace(base, prompt=reference, width=size, height=size,
-                                seed=base.seed if args.style_seed is None else args.style_seed)
-        written.append(save_png(result.reference, out / "reference.png", ref_recipe, extra=chunk))
+    for k, (ref, image) in enumerate(zip(refs, result.references, strict=True)):
+        ref_recipe = dc_replace(base, prompt=ref.prompt, width=size, height=size,
+                                seed=ref.seed if ref.seed is not None else base.seed)
+        name = "reference.png" if len(refs) == 1 else f"reference-{k}.png"
+        written.append(save_png(image, out / name, ref_recipe, extra=chunk))
     print(f"wrote {', '.join(str(p) for p in written)} ({len(result.views)} windows)")
     return 0
 

@@ -2,6 +2,7 @@
 are the windows' seams visible?
 
     python benchmarks/panorama_eval.py --sets 8 --width 256 [--json FILE] [--figure FILE]
+    python benchmarks/panorama_eval.py --two --sets 8 --width 384        # two references, left and right
 
 Each set: a panorama prompt naming only objects ("a large red circle") and a style reference prompt with a
 background and draw style ("a large blue star, on a striped yellow background, outlined style"), the same seed
@@ -32,7 +33,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from attnmod import load_pipeline  # noqa: E402
-from attnmod.methods.panorama import PanoramaOptions, panorama  # noqa: E402
+from attnmod.methods.panorama import PanoramaOptions, StyleRef, panorama  # noqa: E402
 from attnmod.toy import dataset  # noqa: E402
 from attnmod.toy.evaluate import DEFAULT_GUIDANCE, border_colours, label_pixels  # noqa: E402
 
@@ -73,6 +74,51 @@ def seams(image: np.ndarray, windows, factor: int) -> tuple[float, float]:
     return float(np.mean(diff[sorted(edges)])) if edges else 0.0, float(np.mean(inside))
 
 
+def two_references(pipe, args) -> int:
+    """Per third of each panorama: the share of tiles with the left / right reference's background colour."""
+    sets = make_sets(2 * args.sets, args.set_seed)
+    thirds = {name: {"left": [], "right": []} for name in ("left third", "middle third", "right third")}
+    figure = []
+    for i in range(args.sets):
+        (prompt, left, _), (_, right, _) = sets[2 * i], sets[2 * i + 1]
+        r = panorama(pipe, prompt, args.width, steps=args.steps, guidance=args.guidance, seed=i,
+                     references=[StyleRef(left, 1000 + i), StyleRef(right, 2000 + i)])
+        colours = [border_colours(label_pixels(to_u8(x)))[0] for x in r.references]
+        if colours[0] == colours[1]:
+            continue  # the two references came out with one background: nothing to tell apart
+        tiles = [border_colours(label_pixels(to_u8(r.image[:, x : x + 64])))[0]
+                 for x in range(0, r.image.shape[1] - 63, 64)]
+        n = len(tiles)
+        for k, colour in enumerate(tiles):
+            third = ("left third", "middle third", "right third")[min(2, 3 * k // n)]
+            thirds[third]["left"].append(colour == colours[0])
+            thirds[third]["right"].append(colour == colours[1])
+        figure.append((r.references[0], r.image, r.references[1]))
+    results = {t: {side: float(np.mean(v)) if v else None for side, v in d.items()} | {"tiles": len(d["left"])}
+               for t, d in thirds.items()}
+    print(json.dumps(results))
+    print(f"| {args.width}-pixel panorama, {len(figure)} sets | tiles with the left reference's background | "
+          "with the right one's |")
+    print("|---|---|---|")
+    for t, r in results.items():
+        print(f"| {t} ({r['tiles']} tiles) | {r['left']:.0%} | {r['right']:.0%} |")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"args": vars(args), "results": results}, indent=1))
+    if args.figure and figure:
+        from PIL import Image
+
+        h = figure[0][0].shape[0]
+        sheet = Image.new("RGB", (2 * (h + 8) + args.width, len(figure) * (h + 8)), "white")
+        for j, (a, pano, b) in enumerate(figure):
+            y = j * (h + 8)
+            sheet.paste(Image.fromarray(to_u8(a)), (0, y))
+            sheet.paste(Image.fromarray(to_u8(pano)), (h + 8, y))
+            sheet.paste(Image.fromarray(to_u8(b)), (h + 8 + args.width + 8, y))
+        Path(args.figure).parent.mkdir(parents=True, exist_ok=True)
+        sheet.save(args.figure)
+    return 0
+
+
 def to_u8(image: np.ndarray) -> np.ndarray:
     return (np.clip(image, 0, 1) * 255).round().astype(np.uint8)
 
@@ -85,12 +131,15 @@ def main(argv=None) -> int:
     ap.add_argument("--width", type=int, default=256)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE)
+    ap.add_argument("--two", action="store_true", help="two references, left and right")
     ap.add_argument("--json")
     ap.add_argument("--figure", help="PNG: per set the reference, the panorama without and with it")
     args = ap.parse_args(argv)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     pipe = load_pipeline(args.model)
     pipe.set_progress_bar_config(disable=True)
+    if args.two:
+        return two_references(pipe, args)
     f = pipe.vae_scale_factor
     rows, figure = {"plain": [], "shared": []}, []
     seam = {"plain": [], "shared": []}
@@ -98,11 +147,11 @@ def main(argv=None) -> int:
         options = PanoramaOptions()
         plain = panorama(pipe, prompt, args.width, steps=args.steps, guidance=args.guidance, seed=i, options=options)
         shared = panorama(pipe, prompt, args.width, steps=args.steps, guidance=args.guidance, seed=i,
-                          reference=ref_prompt, reference_seed=1000 + i, options=options)
+                          references=[StyleRef(ref_prompt, 1000 + i)], options=options)
         for name, r in (("plain", plain), ("shared", shared)):
-            rows[name] += tile_agreement(r.image, shared.reference)
+            rows[name] += tile_agreement(r.image, shared.references[0])
             seam[name].append(seams(r.image, r.views, f))
-        figure.append((shared.reference, plain.image, shared.image))
+        figure.append((shared.references[0], plain.image, shared.image))
     results = {}
     for name in rows:
         same = [s for s, _ in rows[name]]

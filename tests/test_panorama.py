@@ -1,11 +1,20 @@
 """MultiDiffusion panoramas: windows, their averaging, one window = the stock pipeline, the style reference = its own
 generation, chunked windows = all at once, processors restored, bad sizes."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
 
-from attnmod.methods.panorama import PanoramaOptions, average_views, panorama, views
+from attnmod.methods.panorama import (
+    PanoramaOptions,
+    StyleRef,
+    average_views,
+    panorama,
+    reference_weights,
+    views,
+)
 from attnmod.tiny import tiny_sd15, tiny_sdxl
 
 
@@ -48,14 +57,15 @@ def test_reference_is_its_own_generation_and_styles_the_panorama(pipe):
     side = pipe.unet.config.sample_size * pipe.vae_scale_factor
     width = side + 5 * 8 * pipe.vae_scale_factor  # 6 windows
     plain = panorama(pipe, "a red cat", width=width, steps=3, guidance=7.5, seed=0)
-    styled = panorama(pipe, "a red cat", width=width, steps=3, guidance=7.5, seed=0, reference="a blue dog",
-                      reference_seed=5)
+    styled = panorama(pipe, "a red cat", width=width, steps=3, guidance=7.5, seed=0,
+                      references=[StyleRef("a blue dog", 5)])
     assert styled.image.shape == (side, width, 3) and len(styled.views) == 6
-    assert np.abs(styled.reference - _stock(pipe, "a blue dog", 5)).max() < 1e-5  # it attends to itself only
+    assert np.abs(styled.references[0] - _stock(pipe, "a blue dog", 5)).max() < 1e-5  # it attends to itself only
     assert np.abs(styled.image - plain.image).max() > 1e-2
-    chunked = panorama(pipe, "a red cat", width=width, steps=3, guidance=7.5, seed=0, reference="a blue dog",
-                       reference_seed=5, options=PanoramaOptions(view_batch=3))
-    assert np.array_equal(chunked.image, styled.image)
+    for batch in (3, 4):  # chunks of windows (the last one shorter) = all at once
+        chunked = panorama(pipe, "a red cat", width=width, steps=3, guidance=7.5, seed=0,
+                           references=[StyleRef("a blue dog", 5)], options=PanoramaOptions(view_batch=batch))
+        assert np.array_equal(chunked.image, styled.image)
     assert np.array_equal(panorama(pipe, "a red cat", width=width, steps=3, guidance=7.5, seed=0,
                                    options=PanoramaOptions(view_batch=4)).image, plain.image)
     assert dict(pipe.unet.attn_processors) == before
@@ -65,11 +75,37 @@ def test_bad_input(pipe):
     side = pipe.unet.config.sample_size * pipe.vae_scale_factor
     with pytest.raises(ValueError, match="plus a multiple of the stride"):
         panorama(pipe, "a red cat", width=side + 4 * pipe.vae_scale_factor, steps=2)
-    with pytest.raises(ValueError, match="view_batch must divide"):
-        panorama(pipe, "a red cat", width=side + 16 * pipe.vae_scale_factor, steps=2, reference="a dog",
-                 options=PanoramaOptions(view_batch=2))
-    with pytest.raises(ValueError, match="needs the prompt"):
-        panorama(pipe, "a red cat", width=side, steps=2, reference_image=object())
+    from PIL import Image
+
+    with pytest.raises(ValueError, match="a reference image is 8x8; the panorama's windows are"):
+        panorama(pipe, "a red cat", width=side, steps=2, references=[StyleRef("a dog", image=Image.new("RGB", (8, 8)))])
+    with pytest.raises(ValueError, match="at most one per window"):
+        panorama(pipe, "a red cat", width=side, steps=2, references=[StyleRef("a dog"), StyleRef("a cow")])
+
+
+def test_reference_weights_hand_case():
+    windows = [(0, left, 16, left + 16) for left in (0, 8, 16, 24, 32)]  # centres 8 .. 40
+    w = reference_weights(windows, 2)
+    assert w[:, 0].tolist() == [1.0, 0.75, 0.5, 0.25, 0.0] and w.sum(1).tolist() == [1.0] * 5
+    w3 = reference_weights(windows, 3)  # anchors at 8, 24, 40
+    assert w3.tolist() == [[1, 0, 0], [0.5, 0.5, 0], [0, 1, 0], [0, 0.5, 0.5], [0, 0, 1]]
+    assert reference_weights(windows, 1).tolist() == [[1.0]] * 5
+
+
+def test_two_references_each_side_follows_its_own(pipe):
+    side = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    width = side + 4 * 8 * pipe.vae_scale_factor  # 5 windows: the first is all left, the last all right
+    refs = [StyleRef("a blue dog", 5), StyleRef("a green frog", 6)]
+    two = panorama(pipe, "a red cat", width=width, steps=3, guidance=7.5, seed=0, references=refs)
+    left = panorama(pipe, "a red cat", width=width, steps=3, guidance=7.5, seed=0, references=refs[:1])
+    right = panorama(pipe, "a red cat", width=width, steps=3, guidance=7.5, seed=0, references=refs[1:])
+    assert len(two.references) == 2
+    assert np.abs(two.references[1] - _stock(pipe, "a green frog", 6)).max() < 1e-5
+    edge = side // 4  # the outermost pixels: covered by the first (last) window alone
+    assert np.abs(two.image[:, :edge] - left.image[:, :edge]).mean() < np.abs(
+        two.image[:, :edge] - right.image[:, :edge]).mean()
+    assert np.abs(two.image[:, -edge:] - right.image[:, -edge:]).mean() < np.abs(
+        two.image[:, -edge:] - left.image[:, -edge:]).mean()
 
 
 def test_cli_panorama_writes_and_remakes(sd_folder, tmp_path, capsys):
@@ -85,6 +121,11 @@ def test_cli_panorama_writes_and_remakes(sd_folder, tmp_path, capsys):
     assert image.shape == (32, 64, 3) and (out / "reference.png").exists()
     assert main(["panorama", "--recipe", str(out / "panorama.png"), "--out", str(tmp_path / "again"), "--quiet"]) == 0
     assert np.array_equal(np.asarray(Image.open(tmp_path / "again" / "panorama.png")), image)
+    two = ["panorama", "--model", str(sd_folder), "--prompt", "a red cat", "--width", "64", "--steps", "2",
+           "--style-prompt", "a blue dog", "--style-prompt", "a green frog", "--out", str(tmp_path / "two"), "--quiet"]
+    assert main(two) == 0 and (tmp_path / "two" / "reference-1.png").exists()
+    info = json.loads(Image.open(tmp_path / "two" / "panorama.png").text["attnmod_panorama"])
+    assert info["style"] == [{"prompt": "a blue dog", "seed": 0}, {"prompt": "a green frog", "seed": 1}]
     code = main(["panorama", "--model", str(sd_folder), "--prompt", "a red cat", "--width", "72", "--steps", "2",
                  "--out", str(tmp_path / "bad")])
     err = capsys.readouterr().err.strip()

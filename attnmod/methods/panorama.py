@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import numpy as np
@@ -43,7 +44,7 @@ class PanoramaOptions:
 @dataclass
 class PanoramaResult:
     image: np.ndarray  # (H, W, 3)
-    reference: np.ndarray | None  # (h, w, 3): the style reference, as generated
+    references: list[np.ndarray]  # (h, w, 3) each: the style references, as generated (or reconstructed)
     views: list[tuple[int, int, int, int]]  # (top, left, bottom, right) of each window, latent pixels
 
 
@@ -71,23 +72,48 @@ def average_views(shape, windows: Sequence[tuple[int, int, int, int]], crops: Se
     return value / count.clamp(min=1)
 
 
+@dataclass
+class Reference:
+    """A style reference denoised beside the windows: its latent (1, C, h, w), its conditioning, and optionally the
+    DDIM inversion it replays (clean latent first)."""
+
+    latent: torch.Tensor
+    conditioning: tuple[torch.Tensor, dict]
+    trajectory: Sequence[torch.Tensor] | None = None
+
+
+def reference_weights(windows: Sequence[tuple[int, int, int, int]], references: int) -> torch.Tensor:
+    """(V, R) weights of each window for each reference: references anchored evenly from the first window's centre to
+    the last's; a window takes the two anchors around its centre, weighted linearly by distance (rows sum to 1)."""
+    centres = torch.tensor([(left + right) / 2 for _, left, _, right in windows], dtype=torch.float64)
+    if references == 1 or centres.max() == centres.min():
+        return torch.full((len(windows), references), 1 / references, dtype=torch.float64)
+    anchors = torch.linspace(float(centres.min()), float(centres.max()), references, dtype=torch.float64)
+    spacing = anchors[1] - anchors[0]
+    weights = (1 - (centres[:, None] - anchors[None, :]).abs() / spacing).clamp(min=0)
+    return weights / weights.sum(1, keepdim=True)
+
+
 def multidiffusion(unet, scheduler, latents: torch.Tensor, windows: Sequence[tuple[int, int, int, int]],
-                   conditioning: tuple[torch.Tensor, dict], guidance: float,
-                   reference: torch.Tensor | None = None, reference_conditioning: tuple | None = None,
-                   view_batch: int = 0, callback: Callable[[int, torch.Tensor], None] | None = None,
-                   reference_trajectory: Sequence[torch.Tensor] | None = None):
+                   conditioning: tuple[torch.Tensor, dict], guidance: float, references: Sequence[Reference] = (),
+                   weights: torch.Tensor | None = None, style: Callable[[int], object] | None = None,
+                   view_batch: int = 0, callback: Callable[[int, torch.Tensor], None] | None = None):
     """The owned loop: denoise ``latents`` (1, C, H, W) over ``scheduler.timesteps`` window by window.
 
     ``conditioning``: (context, extra UNet kwargs) of one window, [uncond, cond] when ``guidance`` > 1.
-    ``reference`` (1, C, h, w) with its ``reference_conditioning``: a latent denoised in front of every call's
-    windows (StyleAligned's reference); with ``reference_trajectory`` (a DDIM inversion, clean first) it is
-    replayed instead: after step i it is the inverted latent of the next timestep. Returns (latents, reference)."""
+    With ``references``, each UNet call's batch is [reference r, windows with a weight for r] inside ``style(n)``
+    (a context manager for a batch of n images, reference first: StyleAligned), and a window's next latent is the
+    ``weights`` (V, R)-weighted sum of its steps beside each reference. A reference is denoised once per step (it
+    attends to itself only), or replayed from its inversion: after step i, the inverted latent of the next timestep.
+    Returns (latents, the references' latents)."""
     cfg = guidance > 1
     halves = 2 if cfg else 1
     per_call = view_batch or len(windows)
-    chunks = [list(range(i, min(i + per_call, len(windows)))) for i in range(0, len(windows), per_call)]
-    view_schedulers = [copy.deepcopy(scheduler) for _ in windows]
-    ref_scheduler = copy.deepcopy(scheduler) if reference is not None else None
+    R = max(1, len(references))
+    weights = torch.ones(len(windows), 1, dtype=torch.float64) if weights is None else weights
+    schedulers = [[copy.deepcopy(scheduler) for _ in range(R)] for _ in windows]  # one history per window stream
+    ref_schedulers = [copy.deepcopy(scheduler) for _ in references]
+    ref_latents = [r.latent for r in references]
 
     def rows(cond: tuple, n: int) -> tuple:
         """One conditioning per row: (halves·n, ...) from a (halves, ...) one."""
@@ -107,32 +133,38 @@ def multidiffusion(unet, scheduler, latents: torch.Tensor, windows: Sequence[tup
         return ctx, kw
 
     for i, t in enumerate(scheduler.timesteps):
-        crops, new_ref = [], None
-        for chunk in chunks:
-            batch = torch.cat([latents[..., a:c, b:d] for a, b, c, d in (windows[j] for j in chunk)])
-            cond = rows(conditioning, len(chunk))
-            if reference is not None:
-                batch = torch.cat([reference, batch])
-                cond = joined(reference_conditioning, cond)
-            model_in = torch.cat([batch] * halves)
-            model_in = scheduler.scale_model_input(model_in, t)
-            noise = unet(model_in, t, encoder_hidden_states=cond[0], **cond[1]).sample
-            if cfg:
-                u, c = noise.chunk(2)
-                noise = u + guidance * (c - u)
-            if reference is not None:
-                if new_ref is None:  # the reference attends to itself only: every chunk computes the same row
-                    new_ref = ref_scheduler.step(noise[:1], t, reference).prev_sample
-                noise = noise[1:]
-            for k, j in enumerate(chunk):
-                crop = batch[k + (reference is not None) : k + (reference is not None) + 1]
-                crops.append(view_schedulers[j].step(noise[k : k + 1], t, crop).prev_sample)
+        crops: list[torch.Tensor | None] = [None] * len(windows)
+        new_refs: list[torch.Tensor | None] = [None] * len(references)
+        for r in range(R):
+            chosen = [j for j in range(len(windows)) if weights[j, r] > 0]
+            for start in range(0, len(chosen), per_call):
+                chunk = chosen[start : start + per_call]
+                batch = torch.cat([latents[..., a:c, b:d] for a, b, c, d in (windows[j] for j in chunk)])
+                cond = rows(conditioning, len(chunk))
+                if references:
+                    batch = torch.cat([ref_latents[r], batch])
+                    cond = joined(references[r].conditioning, cond)
+                model_in = scheduler.scale_model_input(torch.cat([batch] * halves), t)
+                with style(len(batch)) if references else nullcontext():
+                    noise = unet(model_in, t, encoder_hidden_states=cond[0], **cond[1]).sample
+                if cfg:
+                    u, c = noise.chunk(2)
+                    noise = u + guidance * (c - u)
+                if references:
+                    if new_refs[r] is None:  # it attends to itself only: every call computes the same row
+                        new_refs[r] = ref_schedulers[r].step(noise[:1], t, ref_latents[r]).prev_sample
+                    noise, batch = noise[1:], batch[1:]
+                for k, j in enumerate(chunk):
+                    step = schedulers[j][r].step(noise[k : k + 1], t, batch[k : k + 1]).prev_sample
+                    if R > 1:
+                        step = step * float(weights[j, r])
+                    crops[j] = step if crops[j] is None else crops[j] + step
         latents = average_views(latents.shape, windows, crops)
-        if reference is not None:
-            reference = new_ref if reference_trajectory is None else reference_trajectory[-2 - i].to(new_ref)
+        for r, ref in enumerate(references):
+            ref_latents[r] = new_refs[r] if ref.trajectory is None else ref.trajectory[-2 - i].to(new_refs[r])
         if callback is not None:
             callback(i, latents)
-    return latents, reference
+    return latents, ref_latents
 
 
 def _decode(pipe, latents: torch.Tensor) -> np.ndarray:
@@ -140,60 +172,66 @@ def _decode(pipe, latents: torch.Tensor) -> np.ndarray:
     return np.asarray(pipe.image_processor.postprocess(image, output_type="np")[0], dtype=np.float32)
 
 
+@dataclass(frozen=True)
+class StyleRef:
+    """A style reference: its prompt, generated with ``seed`` (None: the panorama's seed) at the window's size, or —
+    with ``image`` (a PIL image of the window's size) — the prompt describing that image, DDIM-inverted and
+    replayed."""
+
+    prompt: str
+    seed: int | None = None
+    image: object = None
+
+
 @torch.no_grad()
 def panorama(pipe, prompt: str, width: int, height: int | None = None, *, steps: int = 20, guidance: float = 7.5,
              seed: int = 0, negative_prompt: str = "", options: PanoramaOptions = PanoramaOptions(),
-             reference: str | None = None, reference_seed: int | None = None, reference_image=None,
-             style: StyleAlignedOptions | None = None,
+             references: Sequence[StyleRef] = (), style: StyleAlignedOptions | None = None,
              callback: Callable[[int, torch.Tensor], None] | None = None) -> PanoramaResult:
     """A ``width`` × ``height`` image of ``prompt`` (height: the model's size), optionally in the style of
-    ``reference``: a prompt, generated with ``reference_seed`` (default ``seed``) at the window's size, or — with
-    ``reference_image`` (a PIL image of the window's size) — the prompt describing that image, which is
-    DDIM-inverted and replayed."""
+    ``references``: one for the whole panorama, or several anchored evenly from left to right, each window
+    following the two around it, weighted by distance (``reference_weights``)."""
     f = pipe.vae_scale_factor
-    native = pipe.unet.config.sample_size
-    win = options.window or native
+    win = options.window or pipe.unet.config.sample_size
     height = height or win * f
     if width % f or height % f:
         raise ValueError(f"panorama size must be a multiple of {f} pixels, got {width}x{height}")
     windows = views(height // f, width // f, (win, win), options.stride)
+    for ref in references:
+        if ref.image is not None and ref.image.size != (win * f, win * f):
+            raise ValueError(f"a reference image is {ref.image.width}x{ref.image.height}; the panorama's windows are "
+                             f"{win * f}x{win * f}")
+    if len(references) > len(windows):
+        raise ValueError(f"{len(references)} references for {len(windows)} windows: at most one per window")
     device, dtype = pipe.unet.device, pipe.unet.dtype
     cfg = guidance > 1
-    conditioning = unet_conditioning(pipe, prompt, cfg, size=(win * f, win * f), negative_prompt=negative_prompt)
+    size = (win * f, win * f)
+    conditioning = unet_conditioning(pipe, prompt, cfg, size=size, negative_prompt=negative_prompt)
     shape = (1, pipe.unet.config.in_channels, height // f, width // f)
-    latents = torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(device, dtype)
-    pipe.scheduler.set_timesteps(steps, device=device)
-    latents = latents * pipe.scheduler.init_noise_sigma
-    ref_latent = ref_cond = trajectory = None
-    if reference_image is not None and reference is None:
-        raise ValueError("a reference image needs the prompt that describes it (used for its inversion)")
-    if reference is not None:
-        ref_cond = unet_conditioning(pipe, reference, cfg, size=(win * f, win * f))
-        if reference_image is not None:
+    refs = []
+    for ref in references:
+        if ref.image is not None:
             from ..inversion.ddim import ddim_invert
 
-            if reference_image.size != (win * f, win * f):
-                raise ValueError(f"the reference image is {reference_image.width}x{reference_image.height}; the "
-                                 f"panorama's windows are {win * f}x{win * f}")
-            trajectory = ddim_invert(pipe, reference_image, reference, steps=steps)
-            pipe.scheduler.set_timesteps(steps, device=device)
-            ref_latent = trajectory[-1].to(device, dtype)
+            trajectory = ddim_invert(pipe, ref.image, ref.prompt, steps=steps)
+            refs.append(Reference(trajectory[-1].to(device, dtype), unet_conditioning(pipe, ref.prompt, cfg, size=size),
+                                  trajectory))
         else:
-            g = torch.Generator().manual_seed(seed if reference_seed is None else reference_seed)
-            ref_latent = torch.randn((1, shape[1], win, win), generator=g).to(device, dtype)
-            ref_latent = ref_latent * pipe.scheduler.init_noise_sigma
-    if reference is None:
-        latents, _ = multidiffusion(pipe.unet, pipe.scheduler, latents, windows, conditioning, guidance,
-                                    view_batch=options.view_batch, callback=callback)
-    else:
-        per_call = options.view_batch or len(windows)
-        with style_aligned(pipe, images=1 + min(per_call, len(windows)), options=style or StyleAlignedOptions()):
-            if len(windows) % per_call:
-                raise ValueError(f"with a style reference, view_batch must divide the {len(windows)} windows")
-            latents, ref_latent = multidiffusion(pipe.unet, pipe.scheduler, latents, windows, conditioning, guidance,
-                                                 ref_latent, ref_cond, options.view_batch, callback, trajectory)
+            g = torch.Generator().manual_seed(seed if ref.seed is None else ref.seed)
+            noise = torch.randn((1, shape[1], win, win), generator=g).to(device, dtype)
+            refs.append(Reference(noise, unet_conditioning(pipe, ref.prompt, cfg, size=size)))
+    pipe.scheduler.set_timesteps(steps, device=device)
+    latents = torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(device, dtype)
+    latents = latents * pipe.scheduler.init_noise_sigma
+    for ref in refs:
+        if ref.trajectory is None:
+            ref.latent = ref.latent * pipe.scheduler.init_noise_sigma
+    options_ = style or StyleAlignedOptions()
+    latents, ref_latents = multidiffusion(
+        pipe.unet, pipe.scheduler, latents, windows, conditioning, guidance, refs,
+        reference_weights(windows, len(refs)) if refs else None,
+        lambda n: style_aligned(pipe, images=n, options=options_), options.view_batch, callback)
     image = _decode(pipe, latents)
-    ref_image = _decode(pipe, ref_latent) if ref_latent is not None else None
     if not finite(image[None]).all():
         raise ValueError("the panorama came out non-finite (NaN/inf)")
-    return PanoramaResult(image, ref_image, windows)
+    return PanoramaResult(image, [_decode(pipe, x) for x in ref_latents], windows)
