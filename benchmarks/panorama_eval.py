@@ -105,18 +105,26 @@ def two_references(pipe, args) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "results": results}, indent=1))
     if args.figure and figure:
-        from PIL import Image
-
-        h = figure[0][0].shape[0]
-        sheet = Image.new("RGB", (2 * (h + 8) + args.width, len(figure) * (h + 8)), "white")
-        for j, (a, pano, b) in enumerate(figure):
-            y = j * (h + 8)
-            sheet.paste(Image.fromarray(to_u8(a)), (0, y))
-            sheet.paste(Image.fromarray(to_u8(pano)), (h + 8, y))
-            sheet.paste(Image.fromarray(to_u8(b)), (h + 8 + args.width + 8, y))
-        Path(args.figure).parent.mkdir(parents=True, exist_ok=True)
-        sheet.save(args.figure)
+        write_sheet(args.figure, figure)
     return 0
+
+
+def write_sheet(path: str, rows: list[tuple[np.ndarray, ...]], gap: int = 8) -> None:
+    """A PNG with one row per entry, its images side by side (top-aligned, ``gap`` pixels apart)."""
+    from PIL import Image
+
+    heights = [max(im.shape[0] for im in row) for row in rows]
+    width = max(sum(im.shape[1] + gap for im in row) for row in rows) - gap
+    sheet = Image.new("RGB", (width, sum(heights) + gap * (len(rows) - 1)), "white")
+    y = 0
+    for row, h in zip(rows, heights, strict=True):
+        x = 0
+        for im in row:
+            sheet.paste(Image.fromarray(to_u8(im)), (x, y))
+            x += im.shape[1] + gap
+        y += h + gap
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    sheet.save(path)
 
 
 def to_u8(image: np.ndarray) -> np.ndarray:
@@ -169,18 +177,8 @@ def main(argv=None) -> int:
               f"{r['seam_elsewhere']:.3f} (x{r['seam_edges'] / r['seam_elsewhere']:.2f}) |")
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "results": results}, indent=1))
-    if args.figure:
-        from PIL import Image
-
-        h = figure[0][1].shape[0]
-        sheet = Image.new("RGB", (h + 8 + 2 * (args.width + 8), len(figure) * (h + 8)), "white")
-        for j, (ref, a, b) in enumerate(figure):
-            y = j * (h + 8)
-            sheet.paste(Image.fromarray(to_u8(ref)), (0, y))
-            sheet.paste(Image.fromarray(to_u8(a)), (h + 8, y))
-            sheet.paste(Image.fromarray(to_u8(b)), (h + 8 + args.width + 8, y))
-        Path(args.figure).parent.mkdir(parents=True, exist_ok=True)
-        sheet.save(args.figure)
+    if args.figure and figure:
+        write_sheet(args.figure, figure)
     return 0
 
 
