@@ -199,3 +199,32 @@ def test_style_set_is_remade_from_any_of_its_pngs(tmp_path):
     for name in ("00.png", "01.png"):
         assert Image.open(again / name).tobytes() == Image.open(out / name).tobytes()
     assert main(["style", "--out", str(tmp_path / "none")]) == 2
+
+
+def test_works_with_a_peft_lora_loaded_on_the_pipeline():
+    """A PEFT LoRA on the UNet's attention projections (diffusers' add_adapter): the shared attention goes through
+    the LoRA layers, the reference stays what the LoRA model makes alone, the adapter survives the context, and a
+    saved reference made under the LoRA replays the joint batch."""
+    from peft import LoraConfig
+
+    from attnmod.methods.style_aligned import generate_style_set
+    from attnmod.methods.style_reference import compute_reference
+    from attnmod.tiny import tiny_sd15
+
+    pipe = tiny_sd15()
+    pipe.set_progress_bar_config(disable=True)
+    base = batch(pipe)
+    pipe.unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights=False,
+                                     target_modules=["to_q", "to_k", "to_v", "to_out.0"]), adapter_name="style")
+    lora = batch(pipe)
+    assert np.abs(lora - base).max() > 1e-3  # the adapter is live
+    with style_aligned(pipe, images=3):
+        shared = batch(pipe)
+    assert np.abs(shared[0] - lora[0]).max() < 1e-4 and np.abs(shared[1:] - lora[1:]).max() > 1e-3
+    assert np.array_equal(batch(pipe), lora)  # processors restored, the adapter still on
+    run = {"seed": 0, "steps": 3, "guidance": 5.0, "width": 32, "height": 32}
+    joint = generate_style_set(pipe, PROMPTS, **run)
+    reference = compute_reference(pipe, PROMPTS[0], **run)
+    assert np.abs(generate_style_set(pipe, PROMPTS[1:], saved_reference=reference, **run) - joint).max() < 1e-4
+    pipe.unet.disable_adapters()
+    assert np.array_equal(batch(pipe), base)

@@ -13,11 +13,17 @@ for ``only_self_level`` (its switch rule over diffusers' processor order: down, 
 the reference has no defined result: AdaIN leaves a layer with a single token unchanged (the reference's
 unbiased variance over one token is NaN), and ``only_self_level`` switches no layer where the
 reference's rule would divide by zero (fewer than one layer to switch).
+
+With a ControlNet pipeline (``controlnet_pipeline``: diffusers' own, over the same components) the reference rows'
+ControlNet residuals are zeroed, as in the authors' ControlNet demo, so the reference is what it would be without
+control. A reference can be computed once and saved (``style_reference``): later batches replay its per-step
+features and hold targets only.
 """
 
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -292,21 +298,21 @@ def _group_norm_with_reference(x: torch.Tensor, module, ref_mean: torch.Tensor, 
     b, g = x.shape[0], module.num_groups
     copy = torch.arange(b, device=x.device) // images
     xs = x.float().reshape(b, g, -1)
-    mean, var = xs.mean(-1), xs.var(-1, unbiased=False)
+    var, mean = torch.var_mean(xs, dim=-1, unbiased=False)
     r_mean, r_var = ref_mean.to(x.device, torch.float32)[copy], ref_var.to(x.device, torch.float32)[copy]
     joint_mean = (mean + r_mean) / 2
     joint_var = (var + r_var) / 2 + ((mean - r_mean) / 2) ** 2
-    y = ((xs - joint_mean[..., None]) / (joint_var[..., None] + module.eps).sqrt()).reshape(x.shape)
+    y = (xs - joint_mean[..., None]).mul_((joint_var + module.eps).rsqrt()[..., None]).reshape(x.shape)
     if module.affine:
         shape = (1, -1) + (1,) * (x.dim() - 2)
-        y = y * module.weight.float().view(shape) + module.bias.float().view(shape)
+        y = torch.addcmul(module.bias.float().view(shape), y, module.weight.float().view(shape))
     return y.to(x.dtype)
 
 
 def group_statistics(x: torch.Tensor, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row, per-group mean and biased variance (B, groups) of a GroupNorm's input, in float32."""
-    xs = x.float().reshape(x.shape[0], groups, -1)
-    return xs.mean(-1), xs.var(-1, unbiased=False)
+    var, mean = torch.var_mean(x.float().reshape(x.shape[0], groups, -1), dim=-1, unbiased=False)
+    return mean, var
 
 
 # ---- ControlNet ---------------------------------------------------------------------------------------------
@@ -316,7 +322,6 @@ def controlnet_pipeline(pipe, controlnet):
     """The stock diffusers ControlNet pipeline (``StableDiffusionControlNetPipeline`` or, for SDXL,
     ``StableDiffusionXLControlNetPipeline``) sharing ``pipe``'s components, with ``controlnet`` added."""
     from diffusers import StableDiffusionControlNetPipeline, StableDiffusionXLControlNetPipeline
-    from diffusers.utils import logging as dlog
 
     unet = pipe.unet.config
     if (controlnet.config.cross_attention_dim, controlnet.config.in_channels) != (unet.cross_attention_dim,
@@ -325,12 +330,8 @@ def controlnet_pipeline(pipe, controlnet):
                          f"{controlnet.config.cross_attention_dim}, the model's is {unet.cross_attention_dim})")
     xl = getattr(pipe, "text_encoder_2", None) is not None
     cls = StableDiffusionXLControlNetPipeline if xl else StableDiffusionControlNetPipeline
-    level = dlog.get_verbosity()
-    dlog.set_verbosity_error()  # from_pipe warns about fp32 modules it never has to keep; the library is quiet
-    try:
+    with _quiet_diffusers():  # .to() and from_pipe warn about fp32 modules they never have to keep
         out = cls.from_pipe(pipe, controlnet=controlnet.to(pipe.unet.device, pipe.unet.dtype))
-    finally:
-        dlog.set_verbosity(level)
     out.set_progress_bar_config(**getattr(pipe, "_progress_bar_config", {}))
     return out
 
@@ -340,21 +341,17 @@ def load_controlnet(path: str, pipe):
     from pathlib import Path
 
     from diffusers import ControlNetModel
-    from diffusers.utils import logging as dlog
 
     from ..loading import _dtype_kwarg
 
     if not (Path(path) / "config.json").is_file():
         raise ValueError(f"{path} is not a diffusers ControlNet folder (no config.json)")
-    level = dlog.get_verbosity()
-    dlog.set_verbosity_error()
     try:
-        controlnet = ControlNetModel.from_pretrained(path, **_dtype_kwarg(pipe.unet.dtype))
+        with _quiet_diffusers():
+            controlnet = ControlNetModel.from_pretrained(path, **_dtype_kwarg(pipe.unet.dtype))
     except Exception as e:  # diffusers raises OSError, ValueError, safetensors errors, ...
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ValueError(f"cannot load the ControlNet {path}: {reason}") from None
-    finally:
-        dlog.set_verbosity(level)
     return controlnet.to(pipe.unet.device).eval()
 
 
@@ -366,8 +363,22 @@ def zero_controlnet(pipe):
 
     downs = int(math.log2(pipe.vae_scale_factor))
     channels = ((16, 32, 96, 256) + (256,) * 8)[: downs + 1]
-    return ControlNetModel.from_unet(pipe.unet, conditioning_embedding_out_channels=channels).to(
-        pipe.unet.device, pipe.unet.dtype).eval()
+    with _quiet_diffusers():
+        controlnet = ControlNetModel.from_unet(pipe.unet, conditioning_embedding_out_channels=channels)
+        return controlnet.to(pipe.unet.device, pipe.unet.dtype).eval()
+
+
+@contextmanager
+def _quiet_diffusers():
+    """diffusers' warnings silenced for a moment (the library does not print); its level restored after."""
+    from diffusers.utils import logging as dlog
+
+    level = dlog.get_verbosity()
+    dlog.set_verbosity_error()
+    try:
+        yield
+    finally:
+        dlog.set_verbosity(level)
 
 
 def check_controls(controls, targets: int, width: int, height: int) -> list:
