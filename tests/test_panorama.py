@@ -62,12 +62,13 @@ def test_reference_is_its_own_generation_and_styles_the_panorama(pipe):
     assert styled.image.shape == (side, width, 3) and len(styled.views) == 6
     assert np.abs(styled.references[0] - _stock(pipe, "a blue dog", 5)).max() < 1e-5  # it attends to itself only
     assert np.abs(styled.image - plain.image).max() > 1e-2
-    for batch in (3, 4):  # chunks of windows (the last one shorter) = all at once
+    for batch in (3, 4):  # chunks of windows (the last one shorter) = all at once, to batching noise (the GEMMs'
+        # blocking depends on the batch size with several threads; bit-identical with one)
         chunked = panorama(pipe, "a red cat", width=width, steps=3, guidance=7.5, seed=0,
                            references=[StyleRef("a blue dog", 5)], options=PanoramaOptions(view_batch=batch))
-        assert np.array_equal(chunked.image, styled.image)
-    assert np.array_equal(panorama(pipe, "a red cat", width=width, steps=3, guidance=7.5, seed=0,
-                                   options=PanoramaOptions(view_batch=4)).image, plain.image)
+        assert np.abs(chunked.image - styled.image).max() < 1e-5
+    assert np.abs(panorama(pipe, "a red cat", width=width, steps=3, guidance=7.5, seed=0,
+                           options=PanoramaOptions(view_batch=4)).image - plain.image).max() < 1e-5
     assert dict(pipe.unet.attn_processors) == before
 
 
