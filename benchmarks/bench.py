@@ -371,8 +371,9 @@ def main(argv=None) -> int:
               f"(10 steps, 6 rows per UNet call) {work[1] / 2**20:.1f} MiB   x{work[1] / max(work[0], 1):.2f}")
 
     if 6 in only:
-        print(f"\n## 6. Bounded Attention on '{toy}' at {side}x{side}: seconds per image (50 steps, 15 guided)")
         results["layout"] = layout_cost(toy_pipe, toy_recipe, device, quick)
+        print(f"\n## 6. Bounded Attention on '{toy}' at {side}x{side}: seconds per image "
+              f"({results['layout']['steps']} steps, 15 guided)")
         plain_s = results["layout"]["seconds"]["plain"]
         for name, sec in results["layout"]["seconds"].items():
             print(f"  {name:<34} {sec:7.2f} s   x{sec / plain_s:.1f}")
