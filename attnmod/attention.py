@@ -51,16 +51,36 @@ def attention_probs(query: torch.Tensor, key: torch.Tensor, scale: float, mask: 
     return scores.float().softmax(dim=-1).to(dtype)
 
 
+def chunked_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
+                      scale: float, chunk: int | None = None) -> torch.Tensor:
+    """softmax(q kᵀ · scale + mask) v, ``chunk`` queries at a time (None: all at once, the fused kernel's call).
+
+    Exact: each query's row of the softmax is independent of the others, so splitting the queries changes
+    nothing but the size of what any kernel builds at once — (B, h, chunk, Nk) instead of (B, h, Nq, Nk) where
+    PyTorch falls back to its math kernel (some masks on GPUs). query: (B, h, Nq, d); key, value: (B, h, Nk, d);
+    mask broadcastable to (B, h, Nq, Nk) -> (B, h, Nq, d).
+    """
+    n = query.shape[-2]
+    if chunk is None or chunk >= n:
+        return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scale)
+    per_query = mask is not None and mask.shape[-2] != 1  # else the mask is the same for every query
+    return torch.cat([F.scaled_dot_product_attention(query[..., i:i + chunk, :], key, value, scale=scale,
+                                                     attn_mask=mask[..., i:i + chunk, :] if per_query else mask)
+                      for i in range(0, n, chunk)], dim=-2)
+
+
 class ExplicitAttnProcessor:
     """Attention with its parts exposed: ``qkv_hook`` may change q/k/v (and add a logit bias),
     ``probs_hook`` may observe or replace the probabilities. Without a probs hook the fused SDPA kernel
     computes the attention, so methods that only touch q/k/v (StyleAligned) stay fast; ``wants`` decides per
     call whether the probabilities are needed at all (e.g. maps only at some steps or resolutions), so the
-    (B, h, Nq, Nk) tensor is only ever built where it is used."""
+    (B, h, Nq, Nk) tensor is only ever built where it is used. ``query_chunk`` evaluates the fused path that
+    many queries at a time (``chunked_attention``: exact)."""
 
     def __init__(self, name: str, probs_hook: ProbsHook | None = None, qkv_hook: QKVHook | None = None,
-                 wants: WantsProbs | None = None):
+                 wants: WantsProbs | None = None, query_chunk: int | None = None):
         self.name = name
+        self.query_chunk = query_chunk
         self.probs_hook = probs_hook
         self.qkv_hook = qkv_hook
         self.wants = wants
@@ -98,7 +118,7 @@ class ExplicitAttnProcessor:
             if bias is not None:
                 attention_mask = bias if attention_mask is None else attention_mask + bias
         if self.probs_hook is None or (self.wants is not None and not self.wants(call)):
-            out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, scale=attn.scale)
+            out = chunked_attention(query, key, value, attention_mask, attn.scale, self.query_chunk)
         else:
             probs = attention_probs(query, key, attn.scale, attention_mask, attn.upcast_attention)  # (B, h, Nq, Nk)
             replaced = self.probs_hook(call, probs)
@@ -116,11 +136,15 @@ class explicit_attention:  # noqa: N801 - used like a function: ``with explicit_
     """Install ``ExplicitAttnProcessor`` on some blocks; restore exactly the processors found on exit.
 
     ``hooks`` maps full block names to a probs hook (None: probabilities are not needed), ``qkv_hooks``
-    full block names to a q/k/v hook; ``wants`` (optional) says per call whether the probs hook is needed.
+    full block names to a q/k/v hook; ``wants`` (optional) says per call whether the probs hook is needed;
+    ``query_chunk`` (optional) bounds the queries evaluated at once on the fused path (exact).
     """
 
     def __init__(self, unet, hooks: dict[str, ProbsHook | None], qkv_hooks: dict[str, QKVHook] | None = None,
-                 wants: WantsProbs | None = None):
+                 wants: WantsProbs | None = None, query_chunk: int | None = None):
+        if query_chunk is not None and query_chunk < 1:
+            raise ValueError(f"query_chunk is a number of queries >= 1 (or None: all at once), got {query_chunk}")
+        self.query_chunk = query_chunk
         self.unet = getattr(unet, "unet", unet)
         self.hooks = hooks
         self.qkv_hooks = qkv_hooks or {}
@@ -135,7 +159,7 @@ class explicit_attention:  # noqa: N801 - used like a function: ``with explicit_
             if key not in processors:
                 raise ValueError(f"no attention block {name!r}")
             processors[key] = ExplicitAttnProcessor(name, self.hooks.get(name), self.qkv_hooks.get(name),
-                                                    self.wants)
+                                                    self.wants, self.query_chunk)
         self.unet.set_attn_processor(processors)
         return self
 

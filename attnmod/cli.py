@@ -211,6 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--style-ref", action="append", default=[],
                    help="a real style reference image (DDIM-inverted; the model's size; repeatable like --style-prompt)")
     p.add_argument("--style-ref-prompt", action="append", default=[], help="what each --style-ref shows, in order")
+    p.add_argument("--option", action="append", default=[], metavar="NAME=VALUE",
+                   help="a StyleAlignedOptions field for the shared attention, e.g. query_chunk=1024 (repeatable)")
     p.add_argument("--recipe", help="remake the panorama of a PNG written by attnmod panorama")
     p.add_argument("--out", required=True, help="output folder")
 
@@ -879,6 +881,7 @@ def cmd_panorama(args) -> int:
     from dataclasses import replace as dc_replace
 
     from .methods.panorama import PanoramaOptions, StyleRef, panorama
+    from .methods.style_aligned import StyleAlignedOptions
     from .recipe import save_png
 
     guards.check_output_dir(args.out)
@@ -896,6 +899,7 @@ def cmd_panorama(args) -> int:
         args.prompt, args.seed, args.width, args.height = recipe.prompt, recipe.seed, recipe.width, recipe.height
         args.steps, args.guidance, args.negative_prompt = recipe.steps, recipe.guidance, recipe.negative_prompt
         args.stride = int(info["options"].get("stride", 8))
+        args.option = [f"{k}={'none' if v is None else v}" for k, v in info.get("style_aligned", {}).items()]
         args.model = _recipe_model(args, recipe)
     if not args.prompt or not args.width:
         raise ValueError("give --prompt and --width (or --recipe)")
@@ -904,6 +908,9 @@ def cmd_panorama(args) -> int:
                          f"{len(args.style_ref)} images, {len(args.style_ref_prompt)} prompts")
     if args.style_ref and args.style_prompt:
         raise ValueError("give --style-prompt or --style-ref references, not both")
+    style_options = StyleAlignedOptions().with_settings(args.option)
+    if args.option and not (args.style_ref or args.style_prompt):
+        raise ValueError("--option sets the shared attention of a styled panorama: give --style-prompt or --style-ref")
     images = [_read_image(path, "--style-ref") for path in args.style_ref]
     args.ref_prompt = None
     args.style_texts = args.style_prompt or args.style_ref_prompt  # checked against the model's grammar by _load
@@ -927,8 +934,9 @@ def cmd_panorama(args) -> int:
     progress = None if args.quiet else (lambda i, x: print(f"step {i + 1}/{base.steps}", file=sys.stderr))
     result = panorama(pipe, base.prompt, base.width, base.height, steps=base.steps, guidance=base.guidance,
                       seed=base.seed, negative_prompt=base.negative_prompt, options=options, references=refs,
-                      callback=progress)
-    chunk = {"attnmod_panorama": {"style": style, "options": {"stride": options.stride}}}
+                      style=style_options, callback=progress)
+    changed = {k: v for k, v in style_options.__dict__.items() if v != getattr(StyleAlignedOptions(), k)}
+    chunk = {"attnmod_panorama": {"style": style, "options": {"stride": options.stride}, "style_aligned": changed}}
     out = Path(args.out)
     written = [save_png(result.image, out / "panorama.png", base, extra=chunk)]
     for k, (ref, image) in enumerate(zip(refs, result.references, strict=True)):

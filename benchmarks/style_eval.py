@@ -12,6 +12,7 @@ follow the reference. Measured from the images alone (the dataset's palette):
 
     python benchmarks/style_eval.py --controlnet [--sets 12]
     python benchmarks/style_eval.py --saved-reference [--sets 12] [--rounds 3] [--memory-side 256]
+    python benchmarks/style_eval.py --chunk 256 [--sets 4] [--memory-side 256]
 
 ``--controlnet``: the same sets through the stock ControlNet pipeline with a ControlNet built from the model's own
 UNet encoder (``zero_controlnet``: zero-initialised output convolutions, so neutral), each target's control image
@@ -21,6 +22,10 @@ ControlNet with random output convolutions (active): the reference must stay bit
 three targets made against it vs the four made together: the largest pixel difference, the style measures of
 both, seconds per set and UNet rows (rounds interleaved, medians) and the peak working memory of one set in fresh
 processes against the same number of images without sharing, for 1, 3 and 7 targets.
+``--chunk N``: ``StyleAlignedOptions(query_chunk=N)`` against all queries at once: the largest pixel difference
+over the sets (exactness), seconds per set, and the peak working memory of one set (fresh processes, 1, 3 and 7
+targets, without sharing / shared / shared in chunks) with PyTorch's default SDPA kernel and with its math kernel
+forced (``torch.nn.attention.sdpa_kernel``: the fallback where no fused kernel takes the mask).
 """
 
 from __future__ import annotations
@@ -229,11 +234,14 @@ MEMORY_CHILD = r"""
 import gc, os, sys, warnings
 os.environ["HF_HUB_OFFLINE"] = "1"
 warnings.filterwarnings("ignore")
+import contextlib
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from attnmod import load_pipeline
-from attnmod.methods.style_aligned import generate_style_set
+from attnmod.methods.style_aligned import StyleAlignedOptions, generate_style_set
 from attnmod.methods.style_reference import StyleReference
 condition, side, steps, guidance, path, targets = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4]), sys.argv[5], int(sys.argv[6])
+kernel, chunk = sys.argv[7], None if sys.argv[8] == "none" else int(sys.argv[8])
 pipe = load_pipeline("toy", device="cpu")
 prompts = ["a large red circle on the left, on a striped yellow background, outlined style"] + [
     "a small blue star on the right"] * targets
@@ -249,24 +257,28 @@ gc.collect()
 with open("/proc/self/clear_refs", "w") as f:
     f.write("5")  # resets the peak resident set size (VmHWM) to the current one
 base = status("VmRSS")
-if condition == "saved":
-    generate_style_set(pipe, prompts[1:], saved_reference=reference, **run)
-elif condition == "plain":
-    with torch.inference_mode():
-        pipe(prompts, num_inference_steps=steps, guidance_scale=guidance, width=side, height=side, output_type="np")
-else:
-    generate_style_set(pipe, prompts, **run)
+with sdpa_kernel(SDPBackend.MATH) if kernel == "math" else contextlib.nullcontext():
+    if condition == "saved":
+        generate_style_set(pipe, prompts[1:], saved_reference=reference, **run)
+    elif condition == "plain":
+        with torch.inference_mode():
+            pipe(prompts, num_inference_steps=steps, guidance_scale=guidance, width=side, height=side,
+                 output_type="np")
+    else:
+        generate_style_set(pipe, prompts, options=StyleAlignedOptions(query_chunk=chunk), **run)
 print(base, status("VmHWM"))
 """
 
 
-def peak_memory(condition: str, side: int, steps: int, guidance: float, path: str, targets: int) -> int:
+def peak_memory(condition: str, side: int, steps: int, guidance: float, path: str, targets: int,
+                kernel: str = "default", chunk: int | None = None) -> int:
     """Peak resident memory above the loaded model (and the opened reference) of one set, in a fresh process."""
     import subprocess
 
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")
     out = subprocess.run([sys.executable, "-c", MEMORY_CHILD, condition, str(side), str(steps), str(guidance), path,
-                          str(targets)], check=True, capture_output=True, text=True, env=env)
+                          str(targets), kernel, str(chunk).lower()], check=True, capture_output=True, text=True,
+                         env=env)
     base, peak = out.stdout.strip().splitlines()[-1].split()
     return int(peak) - int(base)
 
@@ -282,6 +294,29 @@ def memory_bench(pipe, side: int, guidance: float, steps: int = 4) -> dict:
     for n in (1, 3, 7):
         out[n] = {c: peak_memory(c, side, steps, guidance, path, n) for c in ("plain", "joint", "saved")}
     return {"side": side, "steps": steps, "file_bytes": Path(path).stat().st_size, "targets": out}
+
+
+def chunk_bench(pipe, sets, steps: int, guidance: float, chunk: int, memory_sides) -> dict:
+    """``query_chunk=chunk`` vs all queries at once: exactness and time on the sets (64x64), peak memory."""
+    largest, times = 0.0, {"whole": [], "chunked": []}
+    for ref, targets in sets:
+        prompts = [ref] + [t[0] for t in targets]
+        images = {}
+        for name, c in (("whole", None), ("chunked", chunk)):
+            t0 = time.perf_counter()
+            images[name] = generate_style_set(pipe, prompts, steps=steps, guidance=guidance,
+                                              options=StyleAlignedOptions(query_chunk=c))
+            times[name].append(time.perf_counter() - t0)
+        largest = max(largest, float(np.abs(images["whole"] - images["chunked"]).max()))
+    out = {"chunk": chunk, "max_abs_difference": largest,
+           "seconds_per_set": {k: statistics.median(v) for k, v in times.items()}, "memory": {}}
+    for side in memory_sides:
+        out["memory"][side] = {k: {n: {c: peak_memory("plain" if c == "plain" else "joint", side, 2, guidance, "-",
+                                                      n, k, chunk if c == "chunked" else None)
+                                       for c in ("plain", "shared", "chunked")}
+                                   for n in (1, 3, 7)}
+                               for k in ("default", "math")}
+    return out
 
 
 VARIANTS = {
@@ -311,14 +346,17 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=3, help="timing rounds of --saved-reference")
     ap.add_argument("--time-side", type=int, nargs="*", default=[64, 256],
                     help="image sides of --saved-reference's timing (the first 4 sets above 64)")
-    ap.add_argument("--memory-side", type=int, nargs="*", default=[64, 256],
-                    help="image sides of --saved-reference's memory measure (none: skip it)")
+    ap.add_argument("--memory-side", type=int, nargs="*",
+                    help="image sides of --saved-reference's (--chunk's: 256) memory measure (none: skip it)")
+    ap.add_argument("--chunk", type=int, help="query_chunk=N vs all at once: exactness, time, memory instead")
     args = ap.parse_args(argv)
     variants = {k: v for k, v in VARIANTS.items() if not args.variants or any(k.startswith(p) for p in args.variants)}
     pipe = load_pipeline(args.model, device="cpu")
     d = model_defaults(pipe)
     steps, guidance = args.steps or d["steps"], args.guidance or d["guidance"]
     sets = make_sets(args.sets, args.set_seed)
+    if args.chunk:
+        return chunk_main(args, pipe, sets, steps, guidance)
     if args.controlnet or args.saved_reference:
         return special(args, pipe, sets, steps, guidance)
     rows = {name: measure(pipe, sets, steps, guidance, options) for name, options in variants.items()}
@@ -330,6 +368,23 @@ def main(argv=None) -> int:
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"steps": steps, "guidance": guidance, **rows}, fh, indent=1)
+    return 0
+
+
+def chunk_main(args, pipe, sets, steps, guidance) -> int:
+    r = chunk_bench(pipe, sets, steps, guidance, args.chunk, [256] if args.memory_side is None else args.memory_side)
+    print(f"query_chunk={args.chunk} vs all at once, {len(sets)} sets of 4 at 64x64, {steps} steps, "
+          f"{torch.get_num_threads()} thread(s): largest pixel difference {r['max_abs_difference']:.2e}, seconds "
+          f"per set {r['seconds_per_set']['whole']:.2f} vs {r['seconds_per_set']['chunked']:.2f}")
+    for side, by_kernel in r["memory"].items():
+        for kernel, rows in by_kernel.items():
+            print(f"peak working memory, {side}x{side}, 2 steps, {kernel} SDPA kernel:")
+            for n, v in rows.items():
+                print(f"  {n} target(s): no sharing {v['plain'] / 2**20:8.1f} MiB, shared {v['shared'] / 2**20:8.1f} "
+                      f"MiB, shared in chunks of {args.chunk} {v['chunked'] / 2**20:8.1f} MiB")
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(r, fh, indent=1)
     return 0
 
 
@@ -370,7 +425,7 @@ def special(args, pipe, sets, steps, guidance) -> int:
             print(f"{side}x{side}, seconds per set (median of {t['rounds']} x {t['sets']}): together {joint_s:.3f} "
                   f"({rows['joint']} UNet rows), saved reference {saved_s:.3f} ({rows['saved']} rows): "
                   f"x{saved_s / joint_s:.2f} time, x{rows['saved'] / rows['joint']:.2f} rows")
-        for side in args.memory_side or []:
+        for side in [64, 256] if args.memory_side is None else args.memory_side:
             m = r.setdefault("memory", {})[side] = memory_bench(pipe, side, guidance)
             print(f"peak working memory at {side}x{side} ({m['steps']} steps; file {m['file_bytes'] / 2**20:.1f} MiB):")
             for n, v in m["targets"].items():

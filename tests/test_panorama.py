@@ -142,3 +142,28 @@ def test_one_window_with_a_negative_prompt_is_the_stock_pipeline(pipe):
     stock = pipe("a red cat", negative_prompt="a dog", num_inference_steps=3, guidance_scale=7.5,
                  generator=torch.Generator().manual_seed(0), output_type="np").images[0]
     assert np.array_equal(one.image, stock)
+
+
+def test_cli_panorama_style_options_are_kept_in_the_recipe(sd_folder, tmp_path, capsys):
+    from PIL import Image
+
+    from attnmod.cli import main
+
+    base = ["panorama", "--model", str(sd_folder), "--prompt", "a red cat", "--width", "64", "--steps", "2",
+            "--style-prompt", "a blue dog", "--quiet"]
+    assert main(base + ["--out", str(tmp_path / "whole")]) == 0
+    assert main(base + ["--option", "query_chunk=4", "--out", str(tmp_path / "chunked")]) == 0
+    whole, chunked = (np.asarray(Image.open(tmp_path / d / "panorama.png")).astype(int) for d in ("whole", "chunked"))
+    assert np.abs(whole - chunked).max() <= 1  # exact up to float rounding
+    info = json.loads(Image.open(tmp_path / "chunked" / "panorama.png").text["attnmod_panorama"])
+    assert info["style_aligned"] == {"query_chunk": 4}
+    assert main(base + ["--option", "adain_values=true", "--out", str(tmp_path / "values")]) == 0
+    values = np.asarray(Image.open(tmp_path / "values" / "panorama.png"))
+    assert np.abs(values.astype(int) - whole).max() > 2  # the option reached the shared attention
+    assert main(["panorama", "--recipe", str(tmp_path / "values" / "panorama.png"), "--out", str(tmp_path / "again"),
+                 "--quiet"]) == 0
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "again" / "panorama.png")), values)
+    capsys.readouterr()
+    assert main(["panorama", "--model", str(sd_folder), "--prompt", "a red cat", "--width", "64", "--option",
+                 "query_chunk=4", "--out", str(tmp_path / "bad")]) == 2
+    assert "give --style-prompt or --style-ref" in capsys.readouterr().err

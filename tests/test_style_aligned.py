@@ -228,3 +228,51 @@ def test_works_with_a_peft_lora_loaded_on_the_pipeline():
     assert np.abs(generate_style_set(pipe, PROMPTS[1:], saved_reference=reference, **run) - joint).max() < 1e-4
     pipe.unet.disable_adapters()
     assert np.array_equal(batch(pipe), base)
+
+
+def test_chunked_attention_is_the_whole_attention_query_by_query():
+    from attnmod.attention import chunked_attention
+
+    q = torch.tensor([[[[1.0, 0.0], [0.0, 2.0]]]])  # (B=1, h=1, Nq=2, d=2)
+    k = torch.tensor([[[[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]]])  # Nk=3
+    v = torch.tensor([[[[1.0], [2.0], [4.0]]]])
+    bias = torch.tensor([0.0, 0.0, float("-inf")]).view(1, 1, 1, 3)  # the third key hidden from every query
+    out = chunked_attention(q, k, v, bias, scale=1.0, chunk=1)
+    # by hand: query 0 scores (1, 0) -> weights (e, 1)/(e + 1); query 1 scores (0, 2) -> (1, e²)/(1 + e²)
+    e = np.e
+    expected = [(e * 1 + 2) / (e + 1), (1 + e**2 * 2) / (1 + e**2)]
+    assert torch.allclose(out.flatten(), torch.tensor(expected), atol=1e-6)
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, n, 8, generator=g) for n in (10, 14, 14))  # (B, h, N, d)
+    per_query = torch.randn(2, 3, 10, 14, generator=g)
+    broadcast = torch.randn(2, 1, 1, 14, generator=g)
+    for mask in (None, per_query, broadcast):
+        whole = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.3)
+        for chunk in (1, 3, 10, 64):
+            assert torch.allclose(chunked_attention(q, k, v, mask, 0.3, chunk), whole, atol=1e-6)
+
+
+def test_query_chunk_evaluates_the_shared_attention_in_chunks_and_changes_nothing(sd, monkeypatch):
+    import attnmod.attention as attention
+
+    with style_aligned(sd, images=3):
+        whole = batch(sd)
+    seen = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(q, *args, **kwargs):
+        seen.append(q.shape[-2])
+        return sdpa(q, *args, **kwargs)
+
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(attention, "F", SimpleNamespace(scaled_dot_product_attention=spy))  # attnmod's calls only
+    with style_aligned(sd, images=3, options=StyleAlignedOptions(query_chunk=5)):
+        chunked = batch(sd)
+    assert seen and max(seen) == 5  # every shared attention evaluated at most 5 queries at a time
+    assert np.abs(chunked - whole).max() < 1e-5
+    with pytest.raises(ValueError, match="query_chunk is a number of queries >= 1"):
+        StyleAlignedOptions(query_chunk=0)
+    assert StyleAlignedOptions().with_settings(["query_chunk=256"]).query_chunk == 256
+    assert StyleAlignedOptions(query_chunk=4).with_settings(["query_chunk=none"]).query_chunk is None

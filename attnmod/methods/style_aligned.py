@@ -46,6 +46,10 @@ class StyleAlignedOptions:
     reference's tokens before each LayerNorm; LayerNorm normalises every token on its own, so this
     changes nothing and attnmod does not hook LayerNorms. ``share_group_norm`` computes every
     GroupNorm's statistics over the image's and the reference's positions together.
+
+    ``query_chunk`` (ours, not in the reference; None: all at once) evaluates the shared attention that many
+    queries at a time: exact, it bounds what a kernel builds at once where PyTorch falls back to its math
+    kernel (which builds every query's row of the doubled keys).
     """
 
     share_attention: bool = True
@@ -60,12 +64,15 @@ class StyleAlignedOptions:
     only_self_level: float = 0.0
     blocks: str = "self"
     reference: int = 0
+    query_chunk: int | None = None
 
     def __post_init__(self):
         if not 0 <= self.only_self_level <= 1:
             raise ValueError(f"only_self_level is a fraction in [0, 1], got {self.only_self_level}")
         if self.reference < 0:
             raise ValueError("the reference index must be >= 0")
+        if self.query_chunk is not None and self.query_chunk < 1:
+            raise ValueError(f"query_chunk is a number of queries >= 1 (or none: all at once), got {self.query_chunk}")
 
     def with_settings(self, pairs: list[str]) -> StyleAlignedOptions:
         """A copy with ``"name=value"`` settings applied (the CLI's ``--option``), e.g. ``adain_values=true``."""
@@ -265,7 +272,8 @@ class style_aligned:  # noqa: N801 - a context manager used like a function
             if self.reference is not None:
                 self._source = self.reference.player()
             hook = SharedAttention(self.options, self.images, self._source, self.recorder)
-            self._attention = explicit_attention(self.unet, {}, {n: hook for n in self.layers}).__enter__()
+            self._attention = explicit_attention(self.unet, {}, {n: hook for n in self.layers},
+                                                 query_chunk=self.options.query_chunk).__enter__()
             if self.options.share_group_norm or self.recorder is not None:
                 modules = dict(self.unet.named_modules())
                 for name in self.group_norms:
