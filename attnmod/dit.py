@@ -43,6 +43,20 @@ def denoiser(target):
     return target
 
 
+def native_size(pipe) -> int:
+    """The side of the images a pipeline makes by default (UNet: ``sample_size``; SD3 / FLUX: their default)."""
+    net = denoiser(pipe)
+    if is_dit(net):
+        return pipe.default_sample_size * pipe.vae_scale_factor
+    return net.config.sample_size * pipe.vae_scale_factor
+
+
+def default_block(pipe) -> str:
+    """The block a scan uses when none is given: the paper's U1A1A2, on DiT the middle joint block's image."""
+    net = denoiser(pipe)
+    return f"J{len(net.transformer_blocks) // 2}I" if is_dit(net) else "U1A1A2"
+
+
 def is_dit(model) -> bool:
     """True for MM-DiT transformers (SD3, FLUX) and pipelines holding one."""
     net = denoiser(model)

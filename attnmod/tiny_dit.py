@@ -77,5 +77,6 @@ def tiny_flux(seed: int = 0, layers: int = 2, single_layers: int = 2) -> FluxPip
         transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(), vae=_vae(),
         text_encoder=_text_encoder(tokenizer, 32), tokenizer=tokenizer, text_encoder_2=t5, tokenizer_2=t5_tok,
     )
+    pipe.default_sample_size = 16  # native 32×32 images (FLUX's own default is 128 latents)
     pipe.set_progress_bar_config(disable=True)
     return pipe
