@@ -536,6 +536,10 @@ def cmd_maps(args) -> int:
     pipe = _load(args)
     recipe = _base_recipe(args, pipe, args.prompt, args.seed)
     guards.check_job_size(1, recipe.steps, recipe.width, recipe.height, args.yes)
+    from .dit import is_dit
+
+    if is_dit(pipe):  # SD3 / FLUX: the image-query rows of the joint attention
+        from .dit_maps import trace
     with trace(pipe, blocks=args.blocks or model_defaults(pipe)["maps_blocks"]) as tc:
         image = to_pil(generate(pipe, recipe))
     maps = tc.result(recipe.prompt)
