@@ -385,6 +385,8 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="small sizes; < 2 min on 2 CPU cores")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--json", help="also write the results here")
+    ap.add_argument("--dit-side", type=int, help="section 7's image side (default: 64 with --quick, 128 on CPU)")
+    ap.add_argument("--dit-rounds", type=int, help="section 7's timed rounds after the warm-up (default 2)")
     ap.add_argument("--only", help="run only these sections, e.g. 6 or 1,4 (default: all)")
     args = ap.parse_args(argv)
     try:
@@ -408,7 +410,7 @@ def main(argv=None) -> int:
                        Recipe("a photo of a cat", steps=4 if quick or device == "cpu" else 8, width=size,
                               height=size)))
     if only == {7}:
-        return dit_section(results, device, dtype, quick, args.json)
+        return dit_section(results, device, dtype, quick, args)
     toy = "toy" if EMBEDDED_MODEL.joinpath("model_index.json").exists() else "tiny"
     toy_pipe = load_pipeline(toy, device=device, dtype=dtype)
     side = toy_pipe.unet.config.sample_size * toy_pipe.vae_scale_factor
@@ -502,14 +504,14 @@ def main(argv=None) -> int:
                 print(f"  {mside}x{mside} {label:<30} {work / 2**20:9.1f} MiB   x{work / plain_w:5.2f}")
 
     if 7 in only:
-        return dit_section(results, device, dtype, quick, args.json)
+        return dit_section(results, device, dtype, quick, args)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
     return 0
 
 
-def dit_section(results: dict, device, dtype, quick: bool, json_path) -> int:
-    side = 64 if quick else (512 if device.startswith("cuda") else 128)
+def dit_section(results: dict, device, dtype, quick: bool, args) -> int:
+    side = args.dit_side or (64 if quick else (512 if device.startswith("cuda") else 128))
     steps = 1 if quick or device == "cpu" else 8
     print(f"\n## 7. DiT hook overhead (median per generation; ratio to stock), {side}x{side}, {steps} step(s)")
     results["dit_overhead"] = {}
@@ -521,7 +523,7 @@ def dit_section(results: dict, device, dtype, quick: bool, json_path) -> int:
             assert [b.short for b in blocks] == [b.short for b in list_blocks(full)]
         params = sum(p.numel() for p in full.parameters()) / 1e9
         recipe = Recipe("a photo of a cat", steps=steps, guidance=guidance, width=side, height=side)
-        rows = dit_overhead(pipe, recipe, rounds=1 if quick else 2, device=device)
+        rows = dit_overhead(pipe, recipe, rounds=args.dit_rounds or (1 if quick else 2), device=device)
         what = f"{label} architecture ({params:.1f} B parameters, {len(blocks)} streams" + (
             ", shrunk to 2 blocks of each kind)" if quick else ")")
         results["dit_overhead"][label] = {"architecture": what, "rows": rows}
@@ -529,8 +531,8 @@ def dit_section(results: dict, device, dtype, quick: bool, json_path) -> int:
         for name, t, ratio in rows:
             print(f"  {name:<34} {t * 1000:9.1f} ms   x{ratio:.3f}")
         del pipe
-    if json_path:
-        Path(json_path).write_text(json.dumps(results, indent=1))
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
     return 0
 
 
