@@ -21,7 +21,9 @@ def scan(pipe, prompt, *, blocks=("U1A1A2",), starts=(1.0,), rates=(0.0,), seeds
 
     Returns a ``ScanResult``: ``.images``, ``.tiles`` (with recipes) and ``.grid()``.
     """
-    side = size or pipe.unet.config.sample_size * pipe.vae_scale_factor
+    from .dit import native_size
+
+    side = size or native_size(pipe)
     width, height = (side, side) if isinstance(side, int) else side
     sweep = Sweep(prompts=tuple(prompts or [prompt]), seeds=tuple(seeds), blocks=tuple(blocks),
                   starts=tuple(starts), rates=tuple(rates), settings=None if settings is None else tuple(settings))

@@ -167,3 +167,36 @@ class explicit_attention:  # noqa: N801 - used like a function: ``with explicit_
         if self._saved is not None:
             self.unet.set_attn_processor(dict(self._saved))
             self._saved = None
+
+
+# -- joint (MM-DiT) attention: queries and keys only ----------------------------------------------------------
+def joint_query_key(attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
+                    image_rotary_emb=None, text_first: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """The queries and keys of an SD3 (``JointAttnProcessor2_0``) or FLUX (``FluxAttnProcessor``) attention
+    call, as the stock processor forms them: per-stream projections, q/k norms, the streams joined ([image ‖
+    text] on SD3, [text ‖ image] on FLUX: ``text_first``) and FLUX's rotary embedding.
+
+    Word maps need nothing else: the stock processor still computes the attention (its output is never
+    touched), and only the image queries' rows of the probabilities are ever formed (``dit_maps``). Tested
+    against the stock path: softmax(q kᵀ·scale) v equals the processor's result before its projections.
+    hidden_states: (B, Ni, C); encoder_hidden_states: (B, Nt, C') or None -> q, k: (B, h, N, d).
+    """
+    def split(t: torch.Tensor) -> torch.Tensor:  # (B, N, h*d) -> (B, h, N, d)
+        return t.view(t.shape[0], t.shape[1], attn.heads, -1).transpose(1, 2)
+
+    def normed(norm, t: torch.Tensor) -> torch.Tensor:  # the norms act on the head dim
+        return t if norm is None else norm(t)
+
+    query = normed(attn.norm_q, split(attn.to_q(hidden_states)))
+    key = normed(attn.norm_k, split(attn.to_k(hidden_states)))
+    if encoder_hidden_states is not None:
+        added_q = normed(attn.norm_added_q, split(attn.add_q_proj(encoder_hidden_states)))
+        added_k = normed(attn.norm_added_k, split(attn.add_k_proj(encoder_hidden_states)))
+        pair = ((added_q, query), (added_k, key)) if text_first else ((query, added_q), (key, added_k))
+        query, key = (torch.cat(p, dim=2) for p in pair)
+    if image_rotary_emb is not None:
+        from diffusers.models.embeddings import apply_rotary_emb
+
+        query, key = (apply_rotary_emb(t.transpose(1, 2), image_rotary_emb, sequence_dim=1).transpose(1, 2)
+                      for t in (query, key))
+    return query, key

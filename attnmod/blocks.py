@@ -35,7 +35,7 @@ class Block:
 
     @property
     def processor_key(self) -> str:
-        return self.name + ".processor"
+        return self.name.partition(":")[0] + ".processor"  # DiT names carry a stream: ``...attn:image``
 
 
 def _module_names(model) -> list[str]:
@@ -64,7 +64,11 @@ def full_name(short: str) -> str:
 
 
 def list_blocks(model) -> list[Block]:
-    """Every attention block of a UNet or pipeline, in model order, with short and full names."""
+    """Every attention block of a UNet, DiT transformer (``dit``) or pipeline, in model order."""
+    from . import dit
+
+    if dit.is_dit(model):
+        return dit.list_dit_blocks(model)
     names = _module_names(model)
     parents = Counter(n.rsplit(".transformer_blocks.", 1)[0] for n in names if _FULL.match(n))
     per_parent = {p: c // 2 for p, c in parents.items()}  # attn1 + attn2 per transformer block
@@ -82,7 +86,8 @@ def resolve_blocks(model, selector: str | list[str]) -> list[Block]:
 
     A selector is a short name (``U1A1A2``), a full name with or without ``.processor``, a group
     (``all``, ``self``, ``cross``), a glob over short or full names (``U*A2``, ``D1*``), or several of
-    these joined by ``+`` or given as a list. Anything that matches nothing raises ``ValueError``
+    these joined by ``+`` or given as a list. DiT models (``dit``): ``J3I``, ``J3`` (every stream),
+    ``transformer_blocks.3.attn:text``, groups ``all``, ``image``, ``text``, ``joint``, ``single``. Anything that matches nothing raises ``ValueError``
     naming the closest valid names. ``model`` may also be the list ``list_blocks`` returned.
     """
     blocks = model if isinstance(model, list) else list_blocks(model)
@@ -94,11 +99,19 @@ def resolve_blocks(model, selector: str | list[str]) -> list[Block]:
 
 
 def _match_one(blocks: list[Block], sel: str) -> list[Block]:
+    from . import dit
+
     low = sel.lower()
-    if low in GROUPS:
-        return [b for b in blocks if low == "all" or b.kind == low]
+    is_dit = bool(blocks) and ":" in blocks[0].name
+    if low in (dit.DIT_GROUPS if is_dit else GROUPS):
+        return dit.match_group(blocks, low) if is_dit else [b for b in blocks if low == "all" or b.kind == low]
+    if low in GROUPS + dit.DIT_GROUPS:
+        groups = dit.DIT_GROUPS if is_dit else GROUPS
+        raise ValueError(f"group {low!r} is not one of this model's: {', '.join(groups)}")
     name = sel.removesuffix(".processor")
     exact = [b for b in blocks if name in (b.name, b.short) or name.upper() == b.short]
+    if not exact and is_dit:
+        exact = dit.match_block(blocks, name)  # J3 / transformer_blocks.3.attn: every stream of the block
     if not exact and _SHORT.match(name.upper()):
         # an explicit T0 where the model has one transformer block per attention: U1A1T0A2 == U1A1A2
         exact = [b for b in blocks if b.name == full_name(name) and "T" not in b.short[1:]]
@@ -112,14 +125,21 @@ def _match_one(blocks: list[Block], sel: str) -> list[Block]:
 
 
 def unknown_block_message(blocks: list[Block], sel: str) -> str:
+    from . import dit
+
+    missing = dit.missing_stream_message(blocks, sel)
+    if missing:
+        return missing
+    is_dit = bool(blocks) and ":" in blocks[0].name
     pool = [b.short for b in blocks] + [b.name for b in blocks]
     close = difflib.get_close_matches(sel.removesuffix(".processor"), pool, n=5, cutoff=0.3)
-    if not close and sel[:1].upper() in "DMU":
+    if not close and sel[:1].upper() in ("JS" if is_dit else "DMU"):
         close = [b.short for b in blocks if b.short.startswith(sel[:2].upper())][:5]
     hint = ", ".join(close) if close else ", ".join(b.short for b in blocks[:5]) + ", ..."
+    groups, glob = ("all, image, text, joint, single", "J*T") if is_dit else ("all, self, cross", "U*A2")
     return (
-        f"unknown attention block {sel!r} (this model has {len(blocks)}); closest: {hint}. "
-        "Use `attnmod blocks` to list them, or a group (all, self, cross) or glob (U*A2)."
+        f"unknown attention block {sel!r}{dit.family_hint(blocks, sel)} (this model has {len(blocks)}); "
+        f"closest: {hint}. Use `attnmod blocks` to list them, or a group ({groups}) or glob ({glob})."
     )
 
 

@@ -318,7 +318,7 @@ def cmd_blocks(args) -> int:
     from .blocks import resolve_blocks
 
     pipe = _load(args)
-    blocks = resolve_blocks(pipe.unet, args.select)
+    blocks = resolve_blocks(pipe, args.select)
     width = max(len(b.short) for b in blocks)
     for b in blocks:
         print(f"{b.short:<{width}}  {b.name}  {b.kind}")
@@ -350,12 +350,12 @@ def cmd_generate(args) -> int:
             if not sep:
                 raise ValueError(f"--mod expects BLOCK=START[:RATE[:ACCEL]], got {text!r}")
             mods[block] = Schedule.parse(sched)
-        recipe = _base_recipe(args, pipe, args.prompt, args.seed).with_mods(normalize_mods(pipe.unet, mods))
+        recipe = _base_recipe(args, pipe, args.prompt, args.seed).with_mods(normalize_mods(pipe, mods))
     guards.check_job_size(1, recipe.steps, recipe.width, recipe.height, args.yes)
     image = generate(pipe, recipe)
     from .blocks import list_blocks
 
-    path = save_png(image, args.out, recipe, {b.name: b.short for b in list_blocks(pipe.unet)})
+    path = save_png(image, args.out, recipe, {b.name: b.short for b in list_blocks(pipe)})
     print(f"wrote {path}")
     return 0
 
@@ -461,6 +461,12 @@ def cmd_scan(args) -> int:
     guards.check_output_dir(args.out)
     sweep = _sweep_from_args(args)
     pipe = _load(args)
+    if not args.block and not args.pair:
+        from dataclasses import replace as dc_replace
+
+        from .dit import default_block
+
+        sweep = dc_replace(sweep, blocks=(default_block(pipe),))  # U1A1A2, or a DiT model's middle block
     base = _base_recipe(args, pipe, args.prompt[0])
     tiles = plan(pipe, sweep, base)
     unique = len({t.recipe.key for t in tiles})
@@ -493,7 +499,7 @@ def cmd_strategy(args) -> int:
     pipe = _load(args)
     base = _base_recipe(args, pipe, args.prompt, args.seed)
     guards.check_job_size(1, base.steps, base.width, base.height, args.yes)
-    short = {b.name: b.short for b in list_blocks(pipe.unet)}
+    short = {b.name: b.short for b in list_blocks(pipe)}
     result = run_strategy(pipe, base, blocks=args.blocks, picker=args.picker, candidate_batch=args.candidate_batch)
     path = save_png(result.image, args.out, result.recipe, short)
     order = " ".join(short.get(n, "-") if n else "-" for n in result.order)
@@ -510,7 +516,7 @@ def cmd_influence(args) -> int:
     guards.check_output_dir(args.out)
     pipe = _load(args)
     base = _base_recipe(args, pipe, args.prompt, args.seed)
-    blocks = resolve_blocks(pipe.unet, args.blocks)
+    blocks = resolve_blocks(pipe, args.blocks)
     guards.check_job_size(len(blocks) + 1, base.steps, base.width, base.height, args.yes)
     result = block_influence(pipe, base, setting, blocks=args.blocks, out=args.out, batch_size=args.batch_size,
                              progress=not args.quiet)
@@ -532,6 +538,10 @@ def cmd_maps(args) -> int:
     pipe = _load(args)
     recipe = _base_recipe(args, pipe, args.prompt, args.seed)
     guards.check_job_size(1, recipe.steps, recipe.width, recipe.height, args.yes)
+    from .dit import is_dit
+
+    if is_dit(pipe):  # SD3 / FLUX: the image-query rows of the joint attention
+        from .dit_maps import trace
     with trace(pipe, blocks=args.blocks or model_defaults(pipe)["maps_blocks"]) as tc:
         image = to_pil(generate(pipe, recipe))
     maps = tc.result(recipe.prompt)

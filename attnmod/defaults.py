@@ -20,8 +20,13 @@ def model_defaults(pipe) -> dict:
     """Steps, guidance, native size and the blocks ``attnmod maps`` captures: the model folder's
     ``attnmod_defaults.json`` if it has one, the measured defaults of the embedded toy model
     (``toy.evaluate``, ``TOY_MAPS_BLOCKS``), else diffusers' usual values and every block."""
-    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    from .dit import denoiser, is_dit, native_size
+
+    size = native_size(pipe)
     defaults = {"steps": 30, "guidance": 7.5, "width": size, "height": size, "maps_blocks": "all"}
+    if is_dit(pipe):  # diffusers' defaults: SD3 28 steps at 7.0, FLUX 28 steps at embedded guidance 3.5
+        flux = hasattr(denoiser(pipe), "single_transformer_blocks")
+        defaults.update(steps=28, guidance=3.5 if flux else 7.0)
     folder = getattr(pipe, "name_or_path", None) or pipe.config.get("_name_or_path")
     if folder and Path(folder).resolve() == EMBEDDED_MODEL.resolve():
         from .toy.evaluate import DEFAULT_GUIDANCE, DEFAULT_STEPS

@@ -8,6 +8,7 @@ from contextlib import ExitStack
 import numpy as np
 import torch
 
+from .dit import denoiser
 from .encoders import compose_encoders, text_encoders
 from .modify import modify
 from .recipe import Recipe
@@ -31,7 +32,7 @@ def render(pipe, recipes: Sequence[Recipe]) -> np.ndarray:
     """
     check_batch(recipes)
     r0 = recipes[0]
-    device = pipe.unet.device
+    device = denoiser(pipe).device
     gen_device = "cpu" if device.type == "mps" else device
     generators = [torch.Generator(gen_device).manual_seed(r.seed) for r in recipes]
     with ExitStack() as stack:

@@ -42,10 +42,11 @@ class InfluenceResult:
         return sorted(self.scores.items(), key=lambda kv: -np.nan_to_num(kv[1], nan=np.inf))
 
     def sheet(self, tile_px: int = 128) -> Image.Image:
-        """Rows = UNet block (D0, M0, U1, ...), columns = attention within it; 'default' first."""
+        """Rows = UNet block (D0, M0, U1, ...) or DiT block (J0, S0, ...), columns = attention within it
+        (A0A1, ...) or stream (I, T, I2); 'default' first."""
         tiles = {t.coords["block"]: t for t in self.scan.tiles if t.recipe.mods}
         default = next(t for t in self.scan.tiles if not t.recipe.mods)
-        split = [re.match(r"^([DMU]\d+)(.*)$", name).groups() for name in self.scores]
+        split = [re.match(r"^([DMUJS]\d+)(.*)$", name).groups() for name in self.scores]
         rows = list(dict.fromkeys(r for r, _ in split))
         cols = list(dict.fromkeys(c for _, c in split))
         cells = [[self.scan.image(default)] + [None] * len(cols) for _ in rows]
@@ -58,7 +59,7 @@ class InfluenceResult:
                     continue
                 cells[r][c + 1] = self.scan.image(tiles[name])
                 captions[(r, c + 1)] = f"{self.scores[name]:.3f}"
-        grid = make_grid(cells, ["default"] + cols, rows, x_name="attention block", y_name="UNet block",
+        grid = make_grid(cells, ["default"] + cols, rows, x_name="attention block", y_name="block",
                          title=f"block influence of {self.setting.to_text()} (mean |pixel change| vs default)",
                          framed={(r, 0) for r in range(len(rows))}, tile_px=tile_px, captions=captions,
                          blank=blank)
@@ -73,7 +74,7 @@ def block_influence(pipe, base: Recipe, setting: Schedule = DEFAULT_SETTING, *, 
     tiles and manifest, ``influence.png`` and ``influence.json``), as ``run_scan`` does."""
     if setting.is_neutral:
         raise ValueError("the influence map needs a setting that changes something (not 1:0)")
-    shorts = [b.short for b in resolve_blocks(pipe.unet, blocks)]
+    shorts = [b.short for b in resolve_blocks(pipe, blocks)]
     sweep = Sweep(prompts=(base.prompt,), seeds=(base.seed,), blocks=tuple(shorts), settings=(setting,))
     if out is not None:
         check_scan(pipe, sweep, base, batch_size)  # before the lock makes the folder

@@ -1,7 +1,9 @@
 """Load a pipeline from a hub id, a local diffusers folder, a single ``.safetensors`` file, or by alias.
 
-Aliases: ``toy`` (the default) is the small model shipped inside the package; ``tiny`` and
-``tiny-sdxl`` build random tiny pipelines in-process (no weights, for demos and tests).
+Aliases: ``toy`` (the default) is the small model shipped inside the package; ``tiny``, ``tiny-sdxl``,
+``tiny-sd3`` and ``tiny-flux`` build random tiny pipelines in-process (no weights, for demos and tests).
+SD3 / SD3.5 and FLUX folders and hub ids load through ``DiffusionPipeline`` like any other; single files are
+told apart by their keys (``checkpoint_kind``).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import torch
 
 EMBEDDED_MODEL = Path(__file__).parent / "models" / "toy"
 DEFAULT_MODEL = "toy"
+TINY = ("tiny", "tiny-sdxl", "tiny-sd3", "tiny-flux")
 
 
 class ModelLoadError(ValueError):
@@ -29,6 +32,10 @@ SCHEDULERS = {
     "lms": "LMSDiscreteScheduler",
     "unipc": "UniPCMultistepScheduler",
 }
+
+
+SINGLE_FILE_PIPELINES = {"sd": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline",
+                         "sd3": "StableDiffusion3Pipeline", "flux": "FluxPipeline"}
 
 
 def best_device(device: str | None = None, dtype: str | torch.dtype | None = None) -> tuple[str, torch.dtype]:
@@ -70,10 +77,21 @@ def _dtype_kwarg(dtype: torch.dtype) -> dict:
 
 def is_sdxl_checkpoint(path: Path) -> bool:
     """An original-format single file is SDXL when it holds the second text encoder's weights."""
+    return checkpoint_kind(path) == "sdxl"
+
+
+def checkpoint_kind(path: Path) -> str:
+    """``flux``, ``sd3``, ``sdxl`` or ``sd`` for an original-format single file, from its keys: FLUX has
+    ``double_blocks``, SD3 / SD3.5 ``joint_blocks``, SDXL a second text encoder under ``conditioner``."""
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as f:
-        return any(k.startswith("conditioner.embedders.1.") for k in f.keys())  # noqa: SIM118 (safe_open is not iterable)
+        keys = list(f.keys())  # noqa: SIM118 (safe_open is not iterable)
+    if any(k.startswith(("double_blocks.", "model.diffusion_model.double_blocks.")) for k in keys):
+        return "flux"
+    if any(k.startswith(("joint_blocks.", "model.diffusion_model.joint_blocks.")) for k in keys):
+        return "sd3"
+    return "sdxl" if any(k.startswith("conditioner.embedders.1.") for k in keys) else "sd"
 
 
 @contextmanager
@@ -105,14 +123,17 @@ def load_pipeline(model: str | None = None, *, device=None, dtype=None, schedule
 
 
 def _load_pipeline(model, device, dtype, scheduler, config):
-    from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+    import diffusers
+    from diffusers import DiffusionPipeline
 
-    from . import tiny
+    from . import tiny, tiny_dit
 
     device, dtype = best_device(device, dtype)
     model = model or DEFAULT_MODEL
-    if model in ("tiny", "tiny-sdxl"):
-        pipe = tiny.tiny_sd15() if model == "tiny" else tiny.tiny_sdxl()
+    if model in TINY:
+        make = {"tiny": tiny.tiny_sd15, "tiny-sdxl": tiny.tiny_sdxl, "tiny-sd3": tiny_dit.tiny_sd3,
+                "tiny-flux": tiny_dit.tiny_flux}[model]
+        pipe = make()
         if dtype != torch.float32:
             pipe = pipe.to(dtype=dtype)
     else:
@@ -121,12 +142,16 @@ def _load_pipeline(model, device, dtype, scheduler, config):
             if path.is_dir():
                 if not (path / "model_index.json").is_file():
                     raise ModelLoadError(f"{path} is not a diffusers pipeline folder (no model_index.json)")
-                extra = {"safety_checker": None} if "safety_checker" in _index(path) else {}
+                index = _index(path)
+                extra = {"safety_checker": None} if "safety_checker" in index else {}
+                if index.get("_class_name", "").startswith("StableDiffusion3") and None in (
+                        index.get("text_encoder_3") or [None]):
+                    extra.update(text_encoder_3=None, tokenizer_3=None)  # SD3 without T5 (its part: zeros)
                 pipe = DiffusionPipeline.from_pretrained(path, **_dtype_kwarg(dtype), **extra)
             elif path.suffix in (".safetensors", ".ckpt"):
                 if not path.is_file():
                     raise ModelLoadError(f"checkpoint file not found: {path}")
-                cls = StableDiffusionXLPipeline if is_sdxl_checkpoint(path) else StableDiffusionPipeline
+                cls = getattr(diffusers, SINGLE_FILE_PIPELINES[checkpoint_kind(path)])
                 extra = {"config": config} if config else {}
                 pipe = cls.from_single_file(str(path), **_dtype_kwarg(dtype), **extra)
             elif model == DEFAULT_MODEL:
@@ -157,7 +182,7 @@ def model_reference(model: str | None) -> str:
     """What a recipe records to find ``model`` again: aliases and hub ids as given, local folders and files as
     absolute paths (so a recipe made with ``--model mycopy`` replays from any working folder)."""
     model = model or DEFAULT_MODEL
-    if model in (DEFAULT_MODEL, "tiny", "tiny-sdxl"):
+    if model == DEFAULT_MODEL or model in TINY:
         return model
     path = Path(model).expanduser()
     return str(path.resolve()) if path.exists() else model
@@ -170,7 +195,7 @@ def model_fingerprint(model: str | None) -> str:
     import hashlib
 
     model = model or DEFAULT_MODEL
-    if model in ("tiny", "tiny-sdxl"):
+    if model in TINY:
         return ""
     path = EMBEDDED_MODEL if model == DEFAULT_MODEL else Path(model).expanduser()
     if not path.exists():

@@ -21,6 +21,7 @@ from contextvars import ContextVar
 import numpy as np
 import torch
 
+from . import dit
 from .blocks import Block, list_blocks, resolve_blocks
 from .schedule import Schedule, as_schedule
 from .steps import LoopClock
@@ -60,7 +61,7 @@ class AttnMod:
     """
 
     def __init__(self, target, mods: Mods | Sequence[Mods], *, auto_step: bool = True, on_step=None):
-        self.unet = getattr(target, "unet", target)
+        self.unet = dit.denoiser(target)  # a UNet, or an SD3 / FLUX transformer (``dit``)
         self._owner = target if hasattr(target, "scheduler") else None
         per_image = [mods] if isinstance(mods, Mapping) else list(mods)
         if not per_image:
@@ -72,7 +73,9 @@ class AttnMod:
         self.auto_step = auto_step
         self.on_step = on_step  # on_step(ctl, unet_args, unet_kwargs): may call the UNet, set_multipliers
         self._handles: list = []
-        self._clock = LoopClock(self._owner)
+        self._is_dit = dit.is_dit(self.unet)
+        self._clock = LoopClock(self._owner, scheduler_steps=self._is_dit)
+        self._text_tokens = 0  # text tokens of the current DiT call (FLUX single blocks scale rows by stream)
         self._tables: dict[str, torch.Tensor] = {}  # name -> (steps, images) on the UNet's device
         self._neutral: dict[str, np.ndarray] = {}  # name -> (steps,) bool: every image at 1.0
         self._current: dict[str, torch.Tensor | None] = {}  # name -> (B, 1, 1) for this step
@@ -141,7 +144,9 @@ class AttnMod:
     def _on_unet_call(self, module, args, kwargs):
         if _EXTRA_CALL.get():
             return None  # a UNet call made by an on_step callback, not a step of the loop
-        sample = args[0] if args else kwargs["sample"]
+        sample = denoiser_input(args, kwargs)
+        context = kwargs.get("encoder_hidden_states")
+        self._text_tokens = context.shape[1] if self._is_dit and context is not None else 0
         if self.auto_step:
             if self._clock.tick() or self._num_steps is None:
                 self.start_loop(self._loop_length(), sample.device)
@@ -177,6 +182,9 @@ class AttnMod:
 
         return hook
 
+    def _getter(self, name: str):
+        return lambda: self._current.get(name)
+
     # -- install / restore ---------------------------------------------------------------------------
     def __enter__(self) -> AttnMod:
         if self._handles:
@@ -186,6 +194,10 @@ class AttnMod:
         try:
             self._handles.append(self.unet.register_forward_pre_hook(self._on_unet_call, with_kwargs=True))
             for block in self.blocks:
+                if self._is_dit:
+                    self._handles += dit.scale_hooks(self.unet, block.name, self._getter(block.name),
+                                                     lambda: self._text_tokens)
+                    continue
                 to_out = self.unet.get_submodule(block.name).to_out[0]
                 self._handles.append(to_out.register_forward_pre_hook(self._scale_hook(block.name)))
         except BaseException:
@@ -199,6 +211,13 @@ class AttnMod:
             handle.remove()
         self._handles = []
         self._current = {}
+
+
+def denoiser_input(args, kwargs) -> torch.Tensor:
+    """The latent input of a UNet (``sample``) or DiT transformer (``hidden_states``) call."""
+    if args:
+        return args[0]
+    return kwargs["sample"] if "sample" in kwargs else kwargs["hidden_states"]
 
 
 def is_extra_call() -> bool:

@@ -20,8 +20,9 @@ import numpy as np
 import torch
 
 from .blocks import resolve_blocks
+from .dit import denoiser
 from .generate import finite, render
-from .modify import is_extra_call, modify
+from .modify import denoiser_input, is_extra_call, modify
 from .recipe import Recipe
 from .schedule import Schedule
 
@@ -91,8 +92,7 @@ class GreedyStrategy:
         self.previous = (output[0] if isinstance(output, tuple) else output.sample).detach()
 
     def __call__(self, ctl, args, kwargs) -> None:
-        sample = args[0] if args else kwargs["sample"]
-        batch = sample.shape[0]
+        batch = denoiser_input(args, kwargs).shape[0]
         remaining = [n for n in self.names if self.levels[n] < 1.0]
         if remaining:
             # gains: +1 for one candidate; at step 0 also the no-gain baseline as the reference
@@ -126,13 +126,13 @@ def run_strategy(pipe, base: Recipe, *, blocks: str | list[str] = "all", picker:
 
     ``candidate_batch`` caps how many candidates share one UNet call (None: all; 1: one call each).
     """
-    names = [b.name for b in resolve_blocks(pipe.unet, blocks)]
+    names = [b.name for b in resolve_blocks(pipe, blocks)]
     if not names:
         raise ValueError("a strategy needs at least one block")
     strategy = GreedyStrategy(names, get_picker(picker), candidate_batch)
     base = base.with_mods({})
     with modify(pipe, {n: Schedule(start=0.0) for n in names}, on_step=strategy):
-        handle = pipe.unet.register_forward_hook(
+        handle = denoiser(pipe).register_forward_hook(
             lambda m, a, k, o: None if is_extra_call() else strategy.remember_output(m, a, k, o),
             with_kwargs=True)
         try:

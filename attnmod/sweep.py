@@ -20,6 +20,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from .blocks import list_blocks, resolve_blocks
+from .dit import denoiser
 from .generate import check_batch, describe, finite, render
 from .grid import make_grid
 from .grid import side_by_side as grid_side_by_side
@@ -202,14 +203,14 @@ def plan(pipe, sweep: Sweep, base: Recipe) -> list[Tile]:
     """One tile per point of the sweep, each with its full recipe."""
     axes = sweep.axes()
     names = list(axes)
-    blocks = list_blocks(pipe.unet)
+    blocks = list_blocks(pipe)
     for group in axes["block"]:
         resolve_blocks(blocks, group)  # unknown names fail here, before anything runs
     tiles = []
     for combo in itertools.product(*(axes[a] for a in names)):
         c = dict(zip(names, combo, strict=True))
         schedule = c["mod"] if "mod" in c else Schedule(c["start"], c["rate"], c["accel"])
-        mods = normalize_mods(pipe.unet, {c["block"]: schedule}, blocks)
+        mods = normalize_mods(denoiser(pipe), {c["block"]: schedule}, blocks)
         recipe = replace(base, prompt=c["prompt"], seed=int(c["seed"]), encoder_weights=c["encoders"]).with_mods(mods)
         tiles.append(Tile(recipe, c))
     return tiles
@@ -242,7 +243,7 @@ def run_scan(
     the manifest then lists the tiles written before it.
     """
     tiles = check_scan(pipe, sweep, base, batch_size)
-    short = {b.name: b.short for b in list_blocks(pipe.unet)}
+    short = {b.name: b.short for b in list_blocks(pipe)}
     result = ScanResult(sweep, tiles, short, title=title, tile_px=tile_px or max(128, base.width))
     out = Path(out) if out is not None else None
     with folder_lock(out) if out is not None else nullcontext():

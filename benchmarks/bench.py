@@ -23,11 +23,18 @@
    reference's 50 steps, 15 guided) on the embedded model at its own size, and the peak working memory of one
    image (4 steps, 2 guided) with the masks as biases of the fused kernel vs every layer's probabilities built
    (the reference's way, ``explicit_everywhere``), at the model's size and at 256x256.
+7. DiT hook overhead: stock vs AttnMod (all streams neutral, one stream modified, all modified) on the full
+   SD3-medium (24 joint blocks) and FLUX.1-dev (19 double + 38 single blocks) transformer architectures from
+   attnmod/configs, random weights: meta-initialised to check the architecture, then materialised with every
+   block of a kind sharing one block's weights (the same compute, modules, hooks and names; FLUX's 12 B
+   parameters would not fit a small machine's memory otherwise). Tiny text encoders and VAE of the right widths,
+   latents only. --quick shrinks them to 2 blocks of each kind at 64x64 (same code path).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -41,6 +48,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 warnings.filterwarnings("ignore")
 
+import copy  # noqa: E402
+
+import diffusers  # noqa: E402
 import torch  # noqa: E402
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel  # noqa: E402
 
@@ -64,6 +74,103 @@ def sd15_architecture(device, dtype) -> StableDiffusionPipeline:
         scheduler=_scheduler(), safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device) if dtype == torch.float32 else pipe.to(device, dtype)
+
+
+def shared_weight_transformer(config: str, depth: int | None = None):
+    """A DiT transformer with the architecture of ``attnmod/configs/<config>``: every joint (single) block is a
+    distinct module sharing the first joint (single) block's random weights. ``depth`` caps the blocks of each
+    kind (--quick). Returns (transformer, the meta-initialised full model, for its block list and size)."""
+    cfg = json.loads((CONFIG.parent / config).read_text())
+    cls = getattr(diffusers, cfg["_class_name"])
+    with torch.device("meta"):
+        full = cls.from_config(cfg)
+    flux = "num_single_layers" in cfg
+    layers = min(cfg["num_layers"], depth or cfg["num_layers"])
+    singles = min(cfg.get("num_single_layers", 0), depth or cfg.get("num_single_layers", 0))
+    torch.manual_seed(0)
+    net = cls.from_config({**cfg, "num_layers": 1 if flux else 2, **({"num_single_layers": 1} if flux else {})})
+
+    def copies(block, n):  # new modules (own hooks), the same Parameter objects
+        return [copy.deepcopy(block, memo={id(p): p for p in block.parameters()}) for _ in range(n)]
+
+    first = net.transformer_blocks[0]
+    tail = [] if flux else [net.transformer_blocks[1]]  # SD3's last block has no text output: keep it last
+    net.transformer_blocks = torch.nn.ModuleList([first, *copies(first, layers - 1 - len(tail)), *tail])
+    if flux:
+        net.single_transformer_blocks = torch.nn.ModuleList(
+            [net.single_transformer_blocks[0], *copies(net.single_transformer_blocks[0], singles - 1)])
+    net.register_to_config(num_layers=layers, **({"num_single_layers": singles} if flux else {}))
+    return net.eval(), full
+
+
+def dit_architecture(config: str, device, dtype, depth: int | None = None):
+    """A stock SD3 / FLUX pipeline around ``shared_weight_transformer``: tiny CLIP/T5 encoders of the right
+    widths (SD3 without T5: its part is zeros), a tiny VAE with the 8x downsampling. (pipe, full meta model)."""
+    from diffusers import (
+        AutoencoderKL,
+        FlowMatchEulerDiscreteScheduler,
+        FluxPipeline,
+        StableDiffusion3Pipeline,
+    )
+    from transformers import (
+        CLIPTextConfig,
+        CLIPTextModel,
+        CLIPTextModelWithProjection,
+        T5Config,
+        T5EncoderModel,
+    )
+
+    from attnmod.tiny_dit import t5_tokenizer
+
+    net, full = shared_weight_transformer(config, depth)
+    tok = _tokenizer()
+
+    def clip(hidden, projection):
+        conf = CLIPTextConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=64, num_hidden_layers=1,
+                              num_attention_heads=2, max_position_embeddings=tok.model_max_length,
+                              projection_dim=hidden, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                              pad_token_id=tok.pad_token_id)
+        return (CLIPTextModelWithProjection if projection else CLIPTextModel)(conf).eval()
+
+    vae = AutoencoderKL(block_out_channels=(8,) * 4, down_block_types=("DownEncoderBlock2D",) * 4,
+                        up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=16, norm_num_groups=8,
+                        layers_per_block=1).eval()
+    if "num_single_layers" in net.config:
+        t5tok = t5_tokenizer()
+        t5 = T5EncoderModel(T5Config(vocab_size=len(t5tok), d_model=net.config.joint_attention_dim, d_kv=32, d_ff=64,
+                                     num_layers=1, num_heads=2, pad_token_id=0, eos_token_id=1)).eval()
+        pipe = FluxPipeline(transformer=net, scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae,
+                            text_encoder=clip(768, False), tokenizer=tok, text_encoder_2=t5, tokenizer_2=t5tok)
+    else:
+        pipe = StableDiffusion3Pipeline(transformer=net, scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae,
+                                        text_encoder=clip(768, True), tokenizer=tok, text_encoder_2=clip(1280, True),
+                                        tokenizer_2=tok, text_encoder_3=None, tokenizer_3=None)
+    pipe.set_progress_bar_config(disable=True)
+    return (pipe.to(device) if dtype == torch.float32 else pipe.to(device, dtype)), full
+
+
+def dit_overhead(pipe, recipe: Recipe, rounds: int, device) -> list[tuple[str, float, float]]:
+    """Stock vs AttnMod on every stream neutral, the middle joint block's image stream, every stream modified."""
+    names = [b.name for b in list_blocks(pipe)]
+    one = f"J{len(pipe.transformer.transformer_blocks) // 2}I"
+    extra = {"max_sequence_length": 32} if isinstance(pipe, diffusers.FluxPipeline) else {}
+
+    def call(mods=None):
+        def fn():
+            with attnmod.modify(pipe, mods) if mods is not None else contextlib.nullcontext(), torch.inference_mode():
+                pipe(recipe.prompt, num_inference_steps=recipe.steps, guidance_scale=recipe.guidance,
+                     width=recipe.width, height=recipe.height, generator=torch.Generator("cpu").manual_seed(0),
+                     output_type="latent", **extra)
+        return fn
+
+    conditions = {
+        "stock diffusers": call(),
+        "AttnMod, all streams neutral": call({n: Schedule() for n in names}),
+        f"AttnMod, {one} modified": call({one: Schedule(-5, 0.2)}),
+        f"AttnMod, all {len(names)} streams modified": call({n: Schedule(-5, 0.2) for n in names}),
+    }
+    med = interleaved(conditions, rounds, device)
+    return [(name, t, t / med["stock diffusers"]) for name, t in med.items()]
 
 
 def timed(fn, device) -> float:
@@ -278,12 +385,14 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="small sizes; < 2 min on 2 CPU cores")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--json", help="also write the results here")
+    ap.add_argument("--dit-side", type=int, help="section 7's image side (default: 64 with --quick, 128 on CPU)")
+    ap.add_argument("--dit-rounds", type=int, help="section 7's timed rounds after the warm-up (default 2)")
     ap.add_argument("--only", help="run only these sections, e.g. 6 or 1,4 (default: all)")
     args = ap.parse_args(argv)
     try:
-        only = {int(n) for n in args.only.split(",")} if args.only else set(range(1, 7))
+        only = {int(n) for n in args.only.split(",")} if args.only else set(range(1, 8))
     except ValueError:
-        ap.error(f"--only takes section numbers 1-6 separated by commas, got {args.only!r}")
+        ap.error(f"--only takes section numbers 1-7 separated by commas, got {args.only!r}")
     device = args.device
     dtype = torch.float16 if device.startswith("cuda") else torch.float32
     quick = args.quick
@@ -300,6 +409,8 @@ def main(argv=None) -> int:
         models.append((f"SD1.5 architecture, random weights, {size}x{size}", sd15_architecture(device, dtype),
                        Recipe("a photo of a cat", steps=4 if quick or device == "cpu" else 8, width=size,
                               height=size)))
+    if only == {7}:
+        return dit_section(results, device, dtype, quick, args)
     toy = "toy" if EMBEDDED_MODEL.joinpath("model_index.json").exists() else "tiny"
     toy_pipe = load_pipeline(toy, device=device, dtype=dtype)
     side = toy_pipe.unet.config.sample_size * toy_pipe.vae_scale_factor
@@ -392,6 +503,34 @@ def main(argv=None) -> int:
                 work = m["peak"] - m["before"]
                 print(f"  {mside}x{mside} {label:<30} {work / 2**20:9.1f} MiB   x{work / plain_w:5.2f}")
 
+    if 7 in only:
+        return dit_section(results, device, dtype, quick, args)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
+    return 0
+
+
+def dit_section(results: dict, device, dtype, quick: bool, args) -> int:
+    side = args.dit_side or (64 if quick else (512 if device.startswith("cuda") else 128))
+    steps = 1 if quick or device == "cpu" else 8
+    print(f"\n## 7. DiT hook overhead (median per generation; ratio to stock), {side}x{side}, {steps} step(s)")
+    results["dit_overhead"] = {}
+    for label, config, guidance in (("SD3-medium", "sd3_medium_transformer.json", 7.0),
+                                    ("FLUX.1-dev", "flux1_dev_transformer.json", 3.5)):
+        pipe, full = dit_architecture(config, device, dtype, depth=2 if quick else None)
+        blocks = list_blocks(pipe)
+        if not quick:  # the shared-weight model has the full architecture's every block, in order
+            assert [b.short for b in blocks] == [b.short for b in list_blocks(full)]
+        params = sum(p.numel() for p in full.parameters()) / 1e9
+        recipe = Recipe("a photo of a cat", steps=steps, guidance=guidance, width=side, height=side)
+        rows = dit_overhead(pipe, recipe, rounds=args.dit_rounds or (1 if quick else 2), device=device)
+        what = f"{label} architecture ({params:.1f} B parameters, {len(blocks)} streams" + (
+            ", shrunk to 2 blocks of each kind)" if quick else ")")
+        results["dit_overhead"][label] = {"architecture": what, "rows": rows}
+        print(f"\n{what}, CFG {'batched' if label.startswith('SD3') else 'embedded'} {guidance}")
+        for name, t, ratio in rows:
+            print(f"  {name:<34} {t * 1000:9.1f} ms   x{ratio:.3f}")
+        del pipe
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
     return 0

@@ -48,3 +48,17 @@ def run(pipe, prompt="a red cat", steps=3, seed=0, **kw):
 def hook_count(unet) -> int:
     """Forward hooks anywhere in the UNet (an intervention must leave none behind)."""
     return sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in unet.modules())
+
+
+@pytest.fixture(scope="session")
+def sd3():
+    from attnmod.tiny_dit import tiny_sd3
+
+    return tiny_sd3()
+
+
+@pytest.fixture(scope="session")
+def flux():
+    from attnmod.tiny_dit import tiny_flux
+
+    return tiny_flux()
