@@ -57,6 +57,14 @@ def default_block(pipe) -> str:
     return f"J{len(net.transformer_blocks) // 2}I" if is_dit(net) else "U1A1A2"
 
 
+def require_unet(pipe, method: str) -> None:
+    """A one-line error for a method that works on UNet models only, given an SD3 / FLUX pipeline."""
+    if is_dit(pipe):
+        raise ValueError(f"{method} works on UNet models (SD1.5, SDXL and their fine-tunes); this model is a DiT "
+                         f"transformer ({type(denoiser(pipe)).__name__}): on SD3 / FLUX attnmod offers AttnMod, scans, "
+                         f"influence, strategies and maps")
+
+
 def is_dit(model) -> bool:
     """True for MM-DiT transformers (SD3, FLUX) and pipelines holding one."""
     net = denoiser(model)

@@ -90,3 +90,35 @@ def test_dit_folders_load_and_single_files_are_routed(sd3, flux, tmp_path):
     for kind, key in keys.items():
         save_file({key: torch.zeros(1)}, tmp_path / f"{kind}.safetensors")
         assert checkpoint_kind(tmp_path / f"{kind}.safetensors") == kind
+
+
+@pytest.mark.parametrize("name", ["sd3", "flux"])
+def test_unet_only_methods_say_so_on_dit(name, request):
+    from attnmod.inversion.ddim import ddim_invert
+    from attnmod.inversion.ddpm import ddpm_invert
+    from attnmod.methods.bounded import Subject, bounded
+    from attnmod.methods.p2p import edit
+    from attnmod.methods.panorama import panorama
+    from attnmod.methods.style_aligned import style_aligned
+    from attnmod.methods.transfer import transfer
+
+    pipe = request.getfixturevalue(name)
+    image = Image.new("RGB", (32, 32))
+    calls = {"StyleAligned": lambda: style_aligned(pipe, images=2),
+             "Prompt-to-Prompt": lambda: edit(pipe, "a red cat", "a blue cat"),
+             "Cross-Image Attention": lambda: transfer(pipe, image, image),
+             "Bounded Attention": lambda: bounded(pipe, "a red cat", [Subject("cat", (0, 0, 0.5, 0.5))]),
+             "MultiDiffusion": lambda: panorama(pipe, "a red cat", width=64),
+             "DDIM inversion": lambda: ddim_invert(pipe, image, "a red cat"),
+             "DDPM inversion": lambda: ddpm_invert(pipe, image)}
+    for method, call in calls.items():
+        with pytest.raises(ValueError, match=f"{method}.* works on UNet models .*this model is a DiT transformer"):
+            call()
+
+
+def test_cli_unet_only_command_on_dit_is_one_line(tmp_path, capsys):
+    code = main(["edit", "--model", "tiny-sd3", "--prompt", "a red cat", "--to", "a blue cat", "--steps", "2",
+                 "--out", str(tmp_path / "e")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "Prompt-to-Prompt works on UNet models" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "e").exists() or not any((tmp_path / "e").iterdir())

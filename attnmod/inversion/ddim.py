@@ -17,6 +17,8 @@ import torch
 from diffusers import DDIMInverseScheduler
 from PIL import Image
 
+from ..dit import require_unet
+
 
 def encode_image(pipe, image: Image.Image) -> torch.Tensor:
     """RGB image of the pipeline's size -> scaled VAE latent (1, 4, h, w)."""
@@ -56,6 +58,7 @@ def unet_conditioning(pipe, prompt: str, cfg: bool, size: tuple[int, int] | None
 def ddim_invert(pipe, image: Image.Image, prompt: str, steps: int = 20, guidance: float = 1.0,
                 callback: Callable[[int, torch.Tensor], None] | None = None) -> list[torch.Tensor]:
     """Latents [x_0, x_1, ..., x_T] from the image towards noise along the DDIM ODE (SD1.x and SDXL)."""
+    require_unet(pipe, "DDIM inversion")
     device = pipe.unet.device
     inverse = DDIMInverseScheduler.from_config(pipe.scheduler.config)
     inverse.set_timesteps(steps, device=device)

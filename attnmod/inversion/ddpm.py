@@ -26,6 +26,7 @@ from diffusers import DDIMScheduler
 from diffusers.schedulers.scheduling_ddim import DDIMSchedulerOutput
 from PIL import Image
 
+from ..dit import require_unet
 from .ddim import encode_image, unet_conditioning
 
 
@@ -100,6 +101,7 @@ def ddpm_invert(pipe, image: Image.Image, prompt: str = "", steps: int = 100, gu
     ``keep_last=False`` sets the last step's map to 0, as the reference code does; its replay then ends on
     that step's mean, not on the image (a small gap on SD1.5's timesteps, 0.33 in the latent on the
     embedded model's trailing schedule). Kept by default, so that the replay is exact."""
+    require_unet(pipe, "DDPM inversion")
     scheduler = ddpm_scheduler(pipe)
     scheduler.set_timesteps(steps, device=pipe.unet.device)
     cfg = guidance > 1

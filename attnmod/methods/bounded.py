@@ -44,6 +44,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from ..attention import AttentionCall, explicit_attention, token_grid
 from ..blocks import downsampling, list_blocks, resolve_blocks
+from ..dit import require_unet
 from ..generate import finite
 from ..inversion.ddim import unet_conditioning
 from ..segment import kmeans
@@ -510,6 +511,7 @@ def bounded(pipe, prompt: str, subjects: Sequence[Subject], options: BoundedOpti
     """Images of ``prompt`` with each subject inside its box. No subjects: the stock pipeline, untouched.
 
     ``callback(step, iteration, loss)`` after each guidance step (progress; the library never prints)."""
+    require_unet(pipe, "Bounded Attention / layout guidance")
     side = pipe.unet.config.sample_size * pipe.vae_scale_factor
     height, width = height or side, width or side
     generator = torch.Generator(device="cpu").manual_seed(seed)

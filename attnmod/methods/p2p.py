@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 from ..attention import AttentionCall, explicit_attention, token_grid
 from ..blocks import downsampling, list_blocks
+from ..dit import require_unet
 from ..generate import finite
 from ..steps import LoopClock
 from ..tokenizer import split_words, word_positions
@@ -259,6 +260,7 @@ def edit(pipe, source: str, target: str, *, seed: int = 0, steps: int = 20, guid
          width: int | None = None, height: int | None = None, options: EditOptions = EditOptions(),
          mode: str = "swap") -> EditResult:
     """Generate ``source`` and its edit ``target`` (word ``swap`` or ``refine``) from the same noise."""
+    require_unet(pipe, "Prompt-to-Prompt")
     if mode not in ("swap", "refine"):
         raise ValueError(f"unknown edit mode {mode!r}: swap or refine")
     p2p = PromptToPrompt(pipe, source, target, options, mode)

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..dit import require_unet
 from ..generate import finite
 from ..inversion.ddim import unet_conditioning
 from .style_aligned import StyleAlignedOptions, style_aligned
@@ -191,6 +192,7 @@ def panorama(pipe, prompt: str, width: int, height: int | None = None, *, steps:
     """A ``width`` × ``height`` image of ``prompt`` (height: the model's size), optionally in the style of
     ``references``: one for the whole panorama, or several anchored evenly from left to right, each window
     following the two around it, weighted by distance (``reference_weights``)."""
+    require_unet(pipe, "MultiDiffusion panoramas")
     f = pipe.vae_scale_factor
     win = options.window or pipe.unet.config.sample_size
     height = height or win * f

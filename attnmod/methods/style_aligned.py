@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 from ..attention import AttentionCall, explicit_attention
 from ..blocks import resolve_blocks
+from ..dit import require_unet
 from ..options import with_settings
 
 
@@ -205,6 +206,7 @@ class style_aligned:  # noqa: N801 - a context manager used like a function
 
     def __init__(self, pipe, images: int, options: StyleAlignedOptions = StyleAlignedOptions(), *,
                  reference=None, recorder=None):
+        require_unet(pipe, "StyleAligned")
         self.unet = getattr(pipe, "unet", pipe)
         self.controlnet = getattr(pipe, "controlnet", None) if reference is None else None
         self.options = options

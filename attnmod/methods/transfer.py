@@ -35,6 +35,7 @@ from PIL import Image
 
 from ..attention import AttentionCall, explicit_attention
 from ..blocks import downsampling, list_blocks, resolve_blocks
+from ..dit import require_unet
 from ..generate import finite
 from ..inversion.ddpm import DDPMInversion, ddpm_invert, replay_noise
 from ..maps import trace
@@ -194,6 +195,7 @@ def invert(pipe, image: Image.Image, options: TransferOptions) -> DDPMInversion:
 def transfer(pipe, structure: Image.Image | DDPMInversion, appearance: Image.Image | DDPMInversion,
              options: TransferOptions = TransferOptions()) -> TransferResult:
     """The structure image's layout and shapes with the appearance image's colours and textures."""
+    require_unet(pipe, "Cross-Image Attention")
     o = options
     layers = swap_layers(pipe.unet, o.blocks)
     if o.adain == "masked" and o.noun.lower() not in o.text.lower().split():
