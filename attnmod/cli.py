@@ -11,6 +11,7 @@ from PIL import Image
 from . import guards
 from .loading import (
     DEFAULT_MODEL,
+    EMBEDDED,
     SCHEDULERS,
     ModelLoadError,
     load_pipeline,
@@ -31,7 +32,8 @@ def _size(text: str) -> tuple[int, int]:
 
 def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None,
-                   help="hub id, diffusers folder, .safetensors file, 'toy' (embedded, default) or 'tiny'")
+                   help="hub id, diffusers folder, .safetensors file, 'toy' (embedded, default), 'toy-layout' (its "
+                        "free-layout fine-tune, embedded) or 'tiny' / 'tiny-sdxl' / 'tiny-sd3' / 'tiny-flux' (random)")
     p.add_argument("--config", help="diffusers folder/hub id with the configs of a single-file checkpoint")
     p.add_argument("--device", help="cuda, mps or cpu (default: best available)")
     p.add_argument("--dtype", help="fp16, bf16 or fp32 (default: fp16 on GPU, fp32 on CPU)")
@@ -234,7 +236,7 @@ _PROMPT_ARGS = ("prompt", "negative_prompt", "to", "ref_prompt", "structure_prom
 def _load(args, model: str | None = None):
     args.model = args.model or model or DEFAULT_MODEL
     guards.check_device(args.device)
-    if args.model == DEFAULT_MODEL:  # the embedded model's grammar; a trailing full stop is dropped
+    if args.model in EMBEDDED:  # the embedded models' grammar; a trailing full stop is dropped
         for name in _PROMPT_ARGS:
             value = getattr(args, name, None)
             if isinstance(value, list):
@@ -262,7 +264,7 @@ def _toy_prompt(prompt: str) -> str:
 
 def _check_prompts(model: str, prompts) -> None:
     """Prompts checked before loading (the embedded model's grammar); see ``_load``."""
-    if model == DEFAULT_MODEL:
+    if model in EMBEDDED:
         for prompt in prompts:
             if prompt:
                 _toy_prompt(prompt)

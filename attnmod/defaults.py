@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .loading import EMBEDDED_MODEL
+from .loading import EMBEDDED
 
 # The embedded model's word maps localise from its 16x16-latent blocks (32/32 images) and blur when its
 # 2x2-8x8 blocks are summed in (27/32): benchmarks/maps_eval.py, docs/attnmod.md.
@@ -28,7 +28,7 @@ def model_defaults(pipe) -> dict:
         flux = hasattr(denoiser(pipe), "single_transformer_blocks")
         defaults.update(steps=28, guidance=3.5 if flux else 7.0)
     folder = getattr(pipe, "name_or_path", None) or pipe.config.get("_name_or_path")
-    if folder and Path(folder).resolve() == EMBEDDED_MODEL.resolve():
+    if folder and Path(folder).resolve() in {p.resolve() for p in EMBEDDED.values()}:  # toy, toy-layout
         from .toy.evaluate import DEFAULT_GUIDANCE, DEFAULT_STEPS
 
         defaults.update(steps=DEFAULT_STEPS, guidance=DEFAULT_GUIDANCE, maps_blocks=TOY_MAPS_BLOCKS,

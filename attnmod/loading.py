@@ -1,6 +1,7 @@
 """Load a pipeline from a hub id, a local diffusers folder, a single ``.safetensors`` file, or by alias.
 
-Aliases: ``toy`` (the default) is the small model shipped inside the package; ``tiny``, ``tiny-sdxl``,
+Aliases: ``toy`` (the default) is the small model shipped inside the package, ``toy-layout`` its fine-tune that
+also draws objects at places its prompt does not name (for layout control); ``tiny``, ``tiny-sdxl``,
 ``tiny-sd3`` and ``tiny-flux`` build random tiny pipelines in-process (no weights, for demos and tests).
 SD3 / SD3.5 and FLUX folders and hub ids load through ``DiffusionPipeline`` like any other; single files are
 told apart by their keys (``checkpoint_kind``).
@@ -14,7 +15,9 @@ from pathlib import Path
 
 import torch
 
-EMBEDDED_MODEL = Path(__file__).parent / "models" / "toy"
+EMBEDDED = {"toy": Path(__file__).parent / "models" / "toy",  # shipped inside the package (docs/MODEL_CARD.md)
+            "toy-layout": Path(__file__).parent / "models" / "toy-layout"}
+EMBEDDED_MODEL = EMBEDDED["toy"]
 DEFAULT_MODEL = "toy"
 TINY = ("tiny", "tiny-sdxl", "tiny-sd3", "tiny-flux")
 
@@ -137,7 +140,7 @@ def _load_pipeline(model, device, dtype, scheduler, config):
         if dtype != torch.float32:
             pipe = pipe.to(dtype=dtype)
     else:
-        path = EMBEDDED_MODEL if model == DEFAULT_MODEL else Path(model).expanduser()
+        path = EMBEDDED.get(model) or Path(model).expanduser()
         try:
             if path.is_dir():
                 if not (path / "model_index.json").is_file():
@@ -154,8 +157,8 @@ def _load_pipeline(model, device, dtype, scheduler, config):
                 cls = getattr(diffusers, SINGLE_FILE_PIPELINES[checkpoint_kind(path)])
                 extra = {"config": config} if config else {}
                 pipe = cls.from_single_file(str(path), **_dtype_kwarg(dtype), **extra)
-            elif model == DEFAULT_MODEL:
-                raise ModelLoadError(f"the embedded model is missing from {EMBEDDED_MODEL}; reinstall attnmod")
+            elif model in EMBEDDED:
+                raise ModelLoadError(f"the embedded model {model!r} is missing from {path}; reinstall attnmod")
             elif path.exists() or model.startswith((".", "/", "~")) or model.count("/") != 1:
                 raise ModelLoadError(f"no model at {model!r}: not a diffusers folder, .safetensors file or hub id")
             else:
@@ -182,7 +185,7 @@ def model_reference(model: str | None) -> str:
     """What a recipe records to find ``model`` again: aliases and hub ids as given, local folders and files as
     absolute paths (so a recipe made with ``--model mycopy`` replays from any working folder)."""
     model = model or DEFAULT_MODEL
-    if model == DEFAULT_MODEL or model in TINY:
+    if model in EMBEDDED or model in TINY:
         return model
     path = Path(model).expanduser()
     return str(path.resolve()) if path.exists() else model
@@ -197,7 +200,7 @@ def model_fingerprint(model: str | None) -> str:
     model = model or DEFAULT_MODEL
     if model in TINY:
         return ""
-    path = EMBEDDED_MODEL if model == DEFAULT_MODEL else Path(model).expanduser()
+    path = EMBEDDED.get(model) or Path(model).expanduser()
     if not path.exists():
         return ""
     files = sorted(p for p in ([path] if path.is_file() else path.rglob("*")) if p.is_file()
