@@ -365,10 +365,13 @@ def main(argv=None) -> int:
     for name, r in rows.items():
         print(f"{name:30}{r['background_agreement']:>14.0%}{r['background_overlap']:>12.2f}"
               f"{r['colour_fidelity']:>11.0%}{r['shape_fidelity']:>10.0%}")
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump({"steps": steps, "guidance": guidance, **rows}, fh, indent=1)
+    write_json(args.json, {"steps": steps, "guidance": guidance, **rows})
     return 0
+
+
+def write_json(path: str | None, data: dict) -> None:
+    if path:
+        Path(path).write_text(json.dumps(data, indent=1, default=str))
 
 
 def chunk_main(args, pipe, sets, steps, guidance) -> int:
@@ -382,9 +385,7 @@ def chunk_main(args, pipe, sets, steps, guidance) -> int:
             for n, v in rows.items():
                 print(f"  {n} target(s): no sharing {v['plain'] / 2**20:8.1f} MiB, shared {v['shared'] / 2**20:8.1f} "
                       f"MiB, shared in chunks of {args.chunk} {v['chunked'] / 2**20:8.1f} MiB")
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(r, fh, indent=1)
+    write_json(args.json, r)
     return 0
 
 
@@ -432,9 +433,7 @@ def special(args, pipe, sets, steps, guidance) -> int:
                 print(f"  {n} target(s): no sharing ({n + 1} images) {v['plain'] / 2**20:7.1f} MiB, together "
                       f"{v['joint'] / 2**20:7.1f} MiB, saved reference {v['saved'] / 2**20:7.1f} MiB "
                       f"(x{v['saved'] / v['joint']:.2f} of together)")
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(result, fh, indent=1, default=str)
+    write_json(args.json, result)
     return 0
 
 
