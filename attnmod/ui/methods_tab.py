@@ -167,9 +167,8 @@ def _wire(session, ui, scan, tabs) -> None:
         out.update({getattr(ui, k): v for k, v in kw.items()})
         return out
 
-    def run(*args):
-        *values, request = args
-        values = dict(zip(names, values, strict=True))
+    def run(data: dict, request: gr.Request):  # inputs given as a set: one dict of component -> value
+        values = {name: data[ui.inputs[name]] for name in names}
         folder = session.new_folder(m.command)
         try:
             parsed = commands.parse(_argv(m, values, folder))
@@ -194,10 +193,7 @@ def _wire(session, ui, scan, tabs) -> None:
         out.update(_after(session, ui, scan, folder, values))
         yield out
 
-    def run_signature(*args, request: gr.Request):  # gradio injects the request by annotation
-        yield from run(*args, request)
-
-    ui.run.click(run_signature, [ui.inputs[n] for n in names], outputs, concurrency_limit=None)
+    ui.run.click(run, set(ui.inputs.values()), outputs, concurrency_limit=None)
 
     def cancel(request: gr.Request):
         return f"cancelling {session.queue.cancel(request.session_hash if request else '')} job(s)…"

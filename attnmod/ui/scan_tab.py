@@ -174,8 +174,8 @@ def wire(session, ui, stack) -> None:
         out.update({getattr(ui, k): v for k, v in kw.items()})
         return out
 
-    def progress_html(view, job):
-        state = job.state if job else "planned"
+    def progress_html(view, job, final=False):
+        state = job.state if final else "waiting" if job.state == "waiting" else "running"
         return (f'<progress id="scan-progress-bar" value="{view.done_count}" max="{view.total}"></progress> '
                 f'<span id="scan-progress-text">{view.done_count}/{view.total} tiles · {state}</span>')
 
@@ -218,14 +218,14 @@ def wire(session, ui, stack) -> None:
             if result.failed:
                 status += f"; {len(result.failed)} tile(s) came out non-finite (NaN/inf), not written"
             sheet = str(result.sheet_files[0]) if result.sheet_files else None
-            yield updates(gallery=view.gallery(), progress=progress_html(view, job), status=status, sheet=sheet,
+            yield updates(gallery=view.gallery(), progress=progress_html(view, job, True), status=status, sheet=sheet,
                           view=view)
         elif job.state == "cancelled":
-            yield updates(gallery=view.gallery(), progress=progress_html(view, job), view=view,
+            yield updates(gallery=view.gallery(), progress=progress_html(view, job, True), view=view,
                           status=f"cancelled: {view.done_count} of {view.total} tiles kept in {view.folder}; "
                                  "Run again (or the command below) to continue")
         else:
-            yield updates({"general": one_line(job.error)}, progress=progress_html(view, job), view=view,
+            yield updates({"general": one_line(job.error)}, progress=progress_html(view, job, True), view=view,
                           status="failed")
 
     inputs = [ui.prompt, ui.negative, ui.seed, ui.steps, ui.guidance, ui.size, ui.blocks, ui.together, ui.start,
