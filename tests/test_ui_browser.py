@@ -290,3 +290,40 @@ def test_page_images_equal_the_cli_scan_tiles(page, server, tmp_path):
         assert np.array_equal(np.asarray(Image.open(cli / "tiles" / name)),
                               np.asarray(Image.open(folder / "tiles" / name)))
     time.sleep(0)
+
+
+def test_add_to_stack_then_generate_remakes_the_tile(page, tmp_path):
+    page.get_by_role("tab", name="Stack / generate").click()
+    fill(page, "stack-mods", "")
+    page.get_by_role("tab", name="Scan").click()
+    run_scan(page, start="-5,5", rate="0.5", seed="5")
+    thumbnails(page).nth(3).click()  # start -5, rate 0.5 (rows: rate 0, 0.5; columns: start -5, 1, 5)
+    page.wait_for_function("document.querySelector('#scan-tile-setting textarea').value.includes('start -5')")
+    tile = fetch(page, "#scan-download a", tmp_path, "tile.png")
+    page.click("#scan-add")
+    page.get_by_role("tab", name="Stack / generate").click()
+    page.wait_for_function("document.querySelector('#stack-mods textarea').value.includes('U2A2A2=-5:0.5')")
+    assert page.input_value("#stack-seed textarea") == "5"
+    page.evaluate("(() => { const a = document.querySelector('#stack-download a'); if (a) a.remove(); })()")
+    page.click("#stack-generate")
+    page.wait_for_selector("#stack-download a", timeout=120_000)
+    assert pixels(fetch(page, "#stack-download a", tmp_path, "stacked.png")) == pixels(tile)
+    fill(page, "stack-mods", "U2A2A2=-5:0.5\nU9A9A9=2")
+    page.click("#stack-generate")
+    page.wait_for_function("document.querySelector('#stack-mods-error').innerText.includes('U9A9A9')")
+    assert "unknown attention block 'U9A9A9'" in page.inner_text("#stack-mods-error")
+
+
+@pytest.mark.parametrize("tab, count", [("strategy", 1), ("edit", 3), ("style", 1)])
+def test_the_method_tabs_run_their_command(page, shots, tab, count):
+    page.get_by_role("tab", name=tab.capitalize()).click()
+    fill(page, f"{tab}-steps", STEPS)
+    if tab == "strategy":
+        fill(page, f"{tab}-blocks", "U2*")
+    page.click(f"#{tab}-run")
+    page.wait_for_function(f"(document.querySelector('#{tab}-status')?.innerText || '').startsWith('done')",
+                           timeout=180_000)
+    page.screenshot(path=str(shots / f"09-{tab}.png"), full_page=True)
+    assert page.locator(f"#{tab}-results .thumbnail-item").count() == count
+    assert "wrote" in page.input_value(f"#{tab}-log textarea")
+    assert page.errors == []

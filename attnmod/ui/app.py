@@ -10,6 +10,10 @@ CSS = """
 .field-error p { color: #c62828; font-weight: 600; margin: 0; }
 .field-error:empty { display: none; }
 footer { display: none !important; }
+#scan-grid .grid-container, #influence-ranked .grid-container {
+    grid-template-columns: repeat(var(--grid-cols), 128px) !important; }
+#scan-grid img, #scan-tile img, #stack-image img, #maps-word-map img {
+    width: 100%; height: 100%; object-fit: contain; image-rendering: pixelated; }
 """
 SYSTEM_FONTS = ["ui-sans-serif", "system-ui", "sans-serif"]  # nothing fetched from the internet
 MONO_FONTS = ["ui-monospace", "monospace"]

@@ -166,6 +166,7 @@ def plan_scan(session, prompt, negative, seed, steps, guidance, size, blocks, to
 def wire(session, ui, stack) -> None:
     """Events of the scan tab; ``stack`` is the Stack tab (its fields receive "add to my stack")."""
     error_boxes = list(ui.errors.values())
+    display = session.out_dir / ".page"  # the page's own images: placeholders, framed default tiles
     outputs = [*error_boxes, ui.progress, ui.status, ui.header, ui.gallery, ui.command, ui.sheet, ui.view]
 
     def updates(errors=None, **kw):
@@ -197,7 +198,7 @@ def wire(session, ui, stack) -> None:
 
         job = session.queue.submit("scan", request.session_hash if request else "", work)
         ahead = session.queue.ahead_of(job)
-        grid = gr.Gallery(value=view.gallery(), columns=view.columns)
+        grid = gr.Gallery(value=view.gallery(display), columns=view.columns)
         yield updates(header=view.header, gallery=grid, command=view.command, view=view, sheet=None,
                       progress=progress_html(view, job),
                       status=f"{session.queue.describe()}" + (f" — {ahead} job(s) ahead of yours" if ahead else ""))
@@ -206,7 +207,7 @@ def wire(session, ui, stack) -> None:
             for keys in events:
                 view.finish(keys)
             if events or job.state == "waiting":
-                grid = gr.Gallery(value=view.gallery(), columns=view.columns) if events else gr.update()
+                grid = gr.Gallery(value=view.gallery(display), columns=view.columns) if events else gr.update()
                 yield updates(gallery=grid, progress=progress_html(view, job),
                               status=session.queue.describe())
         for keys in job.drain(0):
@@ -218,10 +219,10 @@ def wire(session, ui, stack) -> None:
             if result.failed:
                 status += f"; {len(result.failed)} tile(s) came out non-finite (NaN/inf), not written"
             sheet = str(result.sheet_files[0]) if result.sheet_files else None
-            yield updates(gallery=view.gallery(), progress=progress_html(view, job, True), status=status, sheet=sheet,
+            yield updates(gallery=view.gallery(display), progress=progress_html(view, job, True), status=status, sheet=sheet,
                           view=view)
         elif job.state == "cancelled":
-            yield updates(gallery=view.gallery(), progress=progress_html(view, job, True), view=view,
+            yield updates(gallery=view.gallery(display), progress=progress_html(view, job, True), view=view,
                           status=f"cancelled: {view.done_count} of {view.total} tiles kept in {view.folder}; "
                                  "Run again (or the command below) to continue")
         else:

@@ -70,23 +70,24 @@ class ScanView:
     def total(self) -> int:
         return len({c.tile.recipe.key for c in self.cells})
 
-    def gallery(self, tile_px: int = 128) -> list[tuple[Image.Image | str, str]]:
-        """(image, caption) per cell: the tile's file, framed when it is the default; grey while pending."""
+    def gallery(self, display: Path, tile_px: int = 128) -> list[tuple[str, str]]:
+        """(image file, caption) per cell: the tile's own file, a framed copy for the default tile, a grey
+        placeholder while pending. The page's extra images are written once under ``display`` (not into the
+        scan's folder), so every update names files that do not change while the browser loads them."""
         items = []
         for cell in self.cells:
             status = self.status.get(cell.tile.recipe.key)
+            default = not cell.tile.recipe.mods
             if status == "done":
-                with Image.open(self.path(cell)) as im:
-                    image = im.convert("RGB").resize((tile_px, tile_px), Image.NEAREST)
+                path = self.path(cell)
+                if default:  # framed as on the CLI's sheets
+                    path = _once(display / f"default-{cell.tile.recipe.key}.png",
+                                 lambda p=path: _framed(_open(p).resize((tile_px, tile_px), Image.NEAREST)))
             else:
-                image = Image.new("RGB", (tile_px, tile_px), PENDING if status is None else (90, 90, 90))
-                if status == "nonfinite":
-                    ImageDraw.Draw(image).line((0, 0, tile_px, tile_px), fill=(140, 40, 40), width=3)
-            if not cell.tile.recipe.mods:  # the default tile, framed as on the CLI's sheets
-                ImageDraw.Draw(image).rectangle((0, 0, tile_px - 1, tile_px - 1), outline=FRAME,
-                                                width=max(3, tile_px // 32))
+                name = ("nonfinite" if status == "nonfinite" else "pending") + ("-default" if default else "")
+                path = _once(display / f"{name}.png", lambda s=status, d=default: _placeholder(tile_px, s, d))
             caption = cell.caption + ("" if status == "done" else " · NaN" if status == "nonfinite" else " · …")
-            items.append((image, caption))
+            items.append((str(path), caption))
         return items
 
     def schedule_of(self, cell: Cell) -> Schedule:
@@ -112,3 +113,30 @@ def scan_command(model: str, form: dict, folder: Path) -> str:
             args += [f"--{flag}", str(form[flag])]
     args += ["--out", str(folder)]
     return shlex.join(args)
+
+
+def _open(path: Path) -> Image.Image:
+    with Image.open(path) as im:
+        return im.convert("RGB")
+
+
+def _framed(image: Image.Image) -> Image.Image:
+    ImageDraw.Draw(image).rectangle((0, 0, image.width - 1, image.height - 1), outline=FRAME,
+                                    width=max(3, image.width // 32))
+    return image
+
+
+def _placeholder(tile_px: int, status: str | None, default: bool) -> Image.Image:
+    image = Image.new("RGB", (tile_px, tile_px), PENDING if status is None else (90, 90, 90))
+    if status == "nonfinite":
+        ImageDraw.Draw(image).line((0, 0, tile_px, tile_px), fill=(140, 40, 40), width=3)
+    return _framed(image) if default else image
+
+
+def _once(path: Path, make) -> Path:
+    """``path``, written by ``make()`` the first time only."""
+    if not path.is_file():
+        from ..recipe import write_image
+
+        write_image(path, make())
+    return path
