@@ -7,6 +7,7 @@ import time
 
 import numpy as np
 import pytest
+from conftest import hook_count
 from PIL import Image
 
 from attnmod import Recipe, Schedule, Sweep, run_scan
@@ -85,6 +86,14 @@ def test_job_queue_runs_one_job_at_a_time_and_cancels_at_the_next_unet_call(sd):
     from attnmod.ui.jobs import JobCancelled, JobQueue
 
     queue = JobQueue(sd)
+    try:
+        _queue_checks(sd, queue, render, JobCancelled)
+    finally:
+        queue.close()
+    assert hook_count(sd.unet) == 0
+
+
+def _queue_checks(sd, queue, render, JobCancelled):
     started = threading.Event()
     order = []
 

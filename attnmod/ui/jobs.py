@@ -62,7 +62,11 @@ class JobQueue:
         self._order: list[Job] = []
         self._numbers = itertools.count(1)
         self.current: Job | None = None
-        pipe.unet.register_forward_pre_hook(self._unet_call)
+        self._hook = pipe.unet.register_forward_pre_hook(self._unet_call)
+
+    def close(self) -> None:
+        """Take the queue's UNet hook off the pipeline (the page keeps it for its whole life)."""
+        self._hook.remove()
 
     def submit(self, kind: str, owner: str, work: Callable[[Job], object]) -> Job:
         job = Job(kind, owner, work, number=next(self._numbers))
