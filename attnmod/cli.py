@@ -19,15 +19,7 @@ from .loading import (
     model_reference,
 )
 
-
-def _size(text: str) -> tuple[int, int]:
-    try:
-        w, h = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"size must look like 512x512, got {text!r}") from None
-    if w <= 0 or h <= 0 or w % 8 or h % 8:
-        raise argparse.ArgumentTypeError(f"size must be positive multiples of 8, got {text!r}")
-    return w, h
+_size = guards.size  # WxH, multiples of 8 (shared with the web page)
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
@@ -218,6 +210,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--recipe", help="remake the panorama of a PNG written by attnmod panorama")
     p.add_argument("--out", required=True, help="output folder")
 
+    p = sub.add_parser("ui", help="the attention explorer: a local web page (needs pip install \"attnmod[ui]\")")
+    p.add_argument("--model", default=None, help="hub id, diffusers folder, .safetensors file or 'toy' (default)")
+    p.add_argument("--device", help="cuda, mps or cpu (default: best available)")
+    p.add_argument("--dtype", help="fp16, bf16 or fp32 (default: fp16 on GPU, fp32 on CPU)")
+    p.add_argument("--host", default="127.0.0.1", help="address to serve on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=guards.positive_int, default=7860, help="port (default 7860)")
+    p.add_argument("--out", default="attnmod-ui", help="folder the page's results go to (scans resume there)")
+
     for name in ("generate", "scan", "strategy", "influence", "maps", "edit", "style", "transfer", "layout", "panorama"):
         sub.choices[name].add_argument("--quiet", action="store_true", help="no progress bar")
     try:
@@ -243,8 +243,10 @@ def _load(args, model: str | None = None):
                 setattr(args, name, [_toy_prompt(v) for v in value])
             elif value:
                 setattr(args, name, _toy_prompt(value))
-    pipe = load_pipeline(args.model, device=args.device, dtype=args.dtype, scheduler=args.scheduler,
-                         config=args.config)
+    pipe = getattr(args, "pipeline", None)  # the web page runs commands on the model it has loaded
+    if pipe is None:
+        pipe = load_pipeline(args.model, device=args.device, dtype=args.dtype, scheduler=args.scheduler,
+                             config=args.config)
     prompts = [getattr(args, n, None) for n in _PROMPT_ARGS]
     for prompt in dict.fromkeys(p for v in prompts for p in (v if isinstance(v, list) else [v]) if p):
         warning = guards.check_prompt_length(getattr(pipe, "tokenizer", None), prompt)
@@ -255,11 +257,9 @@ def _load(args, model: str | None = None):
 
 def _toy_prompt(prompt: str) -> str:
     """The embedded toy model reads its training grammar only: other word orders or words are an error."""
-    from .toy.dataset import parse_caption
+    from .jobs import model_prompt
 
-    prompt = prompt.strip().removesuffix(".").strip()
-    parse_caption(prompt)
-    return prompt
+    return model_prompt(DEFAULT_MODEL, prompt)
 
 
 def _check_prompts(model: str, prompts) -> None:
@@ -271,25 +271,13 @@ def _check_prompts(model: str, prompts) -> None:
 
 
 def _base_recipe(args, pipe, prompt: str, seed: int = 0):
-    from .defaults import model_defaults
-    from .recipe import Recipe
+    from .jobs import base_recipe
 
-
-    d = model_defaults(pipe)
-    width, height = args.size or (d["width"], d["height"])
-    if (width, height) != (d["width"], d["height"]):
-        native = f"{d['width']}x{d['height']}"
-        if d.get("native_size_only"):
-            raise ValueError(f"--size {width}x{height}: this model draws at {native} only (other sizes give copies "
-                             "of the object or a blank image)")
-        print(f"warning: this model's native size is {native}; at {width}x{height} it may repeat or lose the "
-              "subject", file=sys.stderr)
-    return Recipe(
-        prompt=prompt, negative_prompt=args.negative_prompt, seed=seed,
-        steps=args.steps or d["steps"], guidance=d["guidance"] if args.guidance is None else args.guidance,
-        width=width, height=height, model=model_reference(args.model), scheduler=type(pipe.scheduler).__name__,
-        model_id=model_fingerprint(args.model), device=str(pipe.device), dtype=str(pipe.dtype).removeprefix("torch."),
-    )
+    recipe, warnings = base_recipe(pipe, args.model, prompt, seed, negative_prompt=args.negative_prompt,
+                                   steps=args.steps, guidance=args.guidance, size=args.size)
+    for warning in warnings:
+        print(warning, file=sys.stderr)
+    return recipe
 
 
 def _recipe_model(args, recipe) -> str:
@@ -331,9 +319,9 @@ def cmd_generate(args) -> int:
     from dataclasses import replace as dc_replace
 
     from .generate import generate
+    from .jobs import parse_mods
     from .modify import normalize_mods
     from .recipe import save_png
-    from .schedule import Schedule
 
     guards.check_output_file(args.out)
     recipe = _read_recipe(args.recipe) if args.recipe else None
@@ -346,12 +334,7 @@ def cmd_generate(args) -> int:
         recipe = dc_replace(recipe, model=model_reference(args.model), model_id=model_fingerprint(args.model),
                             device=str(pipe.device), dtype=str(pipe.dtype).removeprefix("torch."))
     else:
-        mods = {}
-        for text in args.mod:
-            block, sep, sched = text.partition("=")
-            if not sep:
-                raise ValueError(f"--mod expects BLOCK=START[:RATE[:ACCEL]], got {text!r}")
-            mods[block] = Schedule.parse(sched)
+        mods = parse_mods(args.mod)
         recipe = _base_recipe(args, pipe, args.prompt, args.seed).with_mods(normalize_mods(pipe, mods))
     guards.check_job_size(1, recipe.steps, recipe.width, recipe.height, args.yes)
     image = generate(pipe, recipe)
@@ -432,32 +415,15 @@ def _read_recipe(path: str):
 
 
 def _sweep_from_args(args):
-    from .presets import preset
-    from .schedule import Schedule
-    from .sweep import Sweep, parse_values
+    from .jobs import scan_sweep
 
-    kw = dict(preset(args.preset)) if args.preset else {}
-    if args.start is not None:
-        kw["starts"] = parse_values(args.start)
-    if args.rate is not None:
-        kw["rates"] = parse_values(args.rate)
-    if args.setting:
-        kw["settings"] = tuple(Schedule.parse(s) for s in args.setting)
-    blocks = args.block or ["U1A1A2"]
-    if args.pair:
-        a, sep, b = args.pair.partition(",")
-        if not sep or not a or not b:
-            raise ValueError(f"--pair expects two blocks A,B, got {args.pair!r}")
-        blocks = [a, b, f"{a}+{b}"]
-    return Sweep(
-        prompts=tuple(args.prompt), seeds=tuple(guards.seeds(parse_values(args.seed))), blocks=tuple(blocks),
-        starts=tuple(kw.get("starts", (1.0,))), rates=tuple(kw.get("rates", (0.0,))),
-        accels=tuple(parse_values(args.accel)), settings=kw.get("settings"),
-        encoder_weights=tuple(tuple(parse_values(w)) for w in args.encoder_weights or ()), x=args.x, y=args.y,
-    )
+    return scan_sweep(args.prompt, seed=args.seed, blocks=args.block, start=args.start, rate=args.rate,
+                      accel=args.accel, settings=args.setting or (), preset=args.preset, pair=args.pair,
+                      encoder_weights=args.encoder_weights or (), x=args.x, y=args.y)
 
 
 def cmd_scan(args) -> int:
+    from .jobs import scan_title
     from .sweep import plan, run_scan
 
     guards.check_output_dir(args.out)
@@ -476,7 +442,7 @@ def cmd_scan(args) -> int:
     x, y, sheets = sweep.layout()
     print(f"scan: {len(tiles)} tiles ({unique} distinct images) x {base.steps} steps = "
           f"{unique * base.steps} denoising steps; x={x}, y={y}" + (f", sheets by {', '.join(sheets)}" if sheets else ""))
-    title = f"{base.prompt!r} · seed {sweep.seeds[0]}" if len(sweep.prompts) == 1 and len(sweep.seeds) == 1 else ""
+    title = scan_title(sweep, base)
     result = run_scan(pipe, sweep, base, out=args.out, batch_size=args.batch_size, progress=not args.quiet,
                       tile_px=args.tile_px, title=title, side_by_side=args.side_by_side or bool(args.pair))
     print(f"rendered {result.rendered} of {unique} images ({unique - result.pending_count} already done); "
@@ -960,7 +926,22 @@ def cmd_panorama(args) -> int:
     return 0
 
 
-COMMANDS = {"blocks": cmd_blocks, "maps": cmd_maps, "edit": cmd_edit, "style": cmd_style, "generate": cmd_generate, "scan": cmd_scan, "strategy": cmd_strategy,
+def cmd_ui(args) -> int:
+    try:
+        from . import ui
+        ui.require_gradio()
+    except ImportError as e:
+        raise ValueError(str(e)) from None
+    guards.check_device(args.device)
+    guards.check_output_dir(args.out)
+    demo, session = ui.create(args.model, args.out, device=args.device, dtype=args.dtype)
+    print(f"attnmod ui: serving model {session.model} on http://{args.host}:{args.port} (Ctrl-C stops); "
+          f"results go to {session.out_dir}", file=sys.stderr)
+    ui.launch(demo, session, host=args.host, port=args.port, block=True)
+    return 0
+
+
+COMMANDS = {"ui": cmd_ui, "blocks": cmd_blocks, "maps": cmd_maps, "edit": cmd_edit, "style": cmd_style, "generate": cmd_generate, "scan": cmd_scan, "strategy": cmd_strategy,
             "influence": cmd_influence, "transfer": cmd_transfer, "layout": cmd_layout, "panorama": cmd_panorama}
 
 

@@ -34,6 +34,24 @@ def _placeholder(tile_px: int, text: str) -> Image.Image:
     return im
 
 
+def _geometry(y_labels: Sequence[str], tile_px: int, title: str) -> tuple[int, int, int]:
+    """(left margin, top margin, gap) of a sheet drawn by ``make_grid``."""
+    small = _font(max(10, tile_px // 11))
+    gap = max(2, tile_px // 32)
+    left = max(60, max((int(small.getlength(s)) for s in y_labels), default=0) + 20)
+    top = 34 + (28 if title else 0) + 22
+    return left, top, gap
+
+
+def cell_box(row: int, col: int, y_labels: Sequence[str], *, tile_px: int = 128,
+             title: str = "") -> tuple[int, int, int, int]:
+    """The pixel box (x0, y0, x1, y1) of cell (row, col) on a sheet ``make_grid`` drew with these
+    ``y_labels``, ``tile_px`` and ``title``: crops one tile back out of a sheet."""
+    left, top, gap = _geometry(y_labels, tile_px, title)
+    x0, y0 = left + col * (tile_px + gap) + gap, top + row * (tile_px + gap) + gap
+    return x0, y0, x0 + tile_px, y0 + tile_px
+
+
 def make_grid(
     cells: Sequence[Sequence[Image.Image | None]],
     x_labels: Sequence[str],
@@ -53,9 +71,7 @@ def make_grid(
     rows, cols = len(cells), len(cells[0]) if cells else 0
     font = _font(max(11, tile_px // 9))
     small = _font(max(10, tile_px // 11))
-    gap = max(2, tile_px // 32)
-    left = max(60, max((int(small.getlength(s)) for s in y_labels), default=0) + 20)
-    top = 34 + (28 if title else 0) + 22
+    left, top, gap = _geometry(y_labels, tile_px, title)
     width = left + cols * (tile_px + gap) + gap
     height = top + rows * (tile_px + gap) + gap + 8
     sheet = Image.new("RGB", (width, height), BACKGROUND)

@@ -56,6 +56,17 @@ def subject_box(text: str):
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def size(text: str) -> tuple[int, int]:
+    """argparse type: ``WxH`` in pixels, positive multiples of 8."""
+    try:
+        w, h = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"size must look like 512x512, got {text!r}") from None
+    if w <= 0 or h <= 0 or w % 8 or h % 8:
+        raise argparse.ArgumentTypeError(f"size must be positive multiples of 8, got {text!r}")
+    return w, h
+
+
 def check_seed(value: int) -> int:
     if not 0 <= value <= SEED_MAX:
         raise ValueError(f"a seed is a whole number from 0 to 2**64 - 1, got {value}")

@@ -227,6 +227,7 @@ def run_scan(
     tile_px: int | None = None,
     title: str = "",
     side_by_side: bool = False,
+    on_tiles: Callable[[list[Tile]], None] | None = None,
 ) -> ScanResult:
     """Render every tile of ``sweep`` not already on disk under ``out``, in batches of ``batch_size``.
 
@@ -235,7 +236,9 @@ def run_scan(
     file exists with the same recipe is loaded, not recomputed. Tiles whose image is non-finite are
     not written; they are reported in ``ScanResult.failed`` and drawn as crossed placeholders.
     ``progress`` is a tqdm switch or a ``callback(done, total)``. ``side_by_side`` also writes every
-    sheet in one row (the paper's Fig. 8: scans of A, B and A+B).
+    sheet in one row (the paper's Fig. 8: scans of A, B and A+B). ``on_tiles(tiles)`` is called with the
+    tiles found on disk when the scan starts, then with each batch's tiles as they finish (status set, image
+    on ``tile.image`` or, for resumed tiles, at ``tile.path``): a page shows them as they come.
 
     Every input is checked before anything is written; then ``out`` is locked for the whole run
     (``attnmod.lock.folder_lock``): a second run on the same folder fails at once with ValueError.
@@ -247,7 +250,7 @@ def run_scan(
     result = ScanResult(sweep, tiles, short, title=title, tile_px=tile_px or max(128, base.width))
     out = Path(out) if out is not None else None
     with folder_lock(out) if out is not None else nullcontext():
-        return _scan(pipe, result, base, out, batch_size, progress, side_by_side)
+        return _scan(pipe, result, base, out, batch_size, progress, side_by_side, on_tiles)
 
 
 def check_scan(pipe, sweep: Sweep, base: Recipe, batch_size: int = 8) -> list[Tile]:
@@ -260,7 +263,7 @@ def check_scan(pipe, sweep: Sweep, base: Recipe, batch_size: int = 8) -> list[Ti
 
 
 def _scan(pipe, result: ScanResult, base: Recipe, out: Path | None, batch_size: int, progress,
-          side_by_side: bool) -> ScanResult:
+          side_by_side: bool, on_tiles: Callable[[list[Tile]], None] | None = None) -> ScanResult:
     """Resume or render the tiles of ``result``, then write the sheets and the manifest."""
     tiles, short = result.tiles, result.short_names
     unique: dict[str, list[Tile]] = {}
@@ -274,6 +277,8 @@ def _scan(pipe, result: ScanResult, base: Recipe, out: Path | None, batch_size: 
             for t in group:
                 t.status = "done"
     result.pending_count = len(pending)
+    if on_tiles is not None and len(pending) < len(unique):
+        on_tiles([t for t in tiles if t.status == "done"])
     bar = tqdm(total=len(pending), disable=progress is not True, unit="img", desc="scan")
     done = 0
     for start in range(0, len(pending), batch_size):
@@ -288,6 +293,8 @@ def _scan(pipe, result: ScanResult, base: Recipe, out: Path | None, batch_size: 
                 t.status, t.image = ("done", pil) if good else ("nonfinite", None)
         done += len(batch)
         result.rendered = done
+        if on_tiles is not None:
+            on_tiles([t for group in batch for t in group])
         bar.update(len(batch))
         if callable(progress):
             progress(done, len(pending))
