@@ -123,3 +123,24 @@ def _queue_checks(sd, queue, render, JobCancelled):
     assert third.state == "cancelled" and second.state == "done" and second.result == (1, 32, 32, 3)
     assert order == [("slow", "start"), ("quick", "start")]
     assert second.unet_calls > 0 and queue.describe() == "queue: idle"
+
+
+def test_the_page_session_and_scan_form_work_on_a_dit_model(sd3, tmp_path):
+    pytest.importorskip("gradio")
+    from attnmod.dit import default_block
+    from attnmod.ui.scan_tab import plan_scan
+    from attnmod.ui.session import Session
+
+    session = Session(sd3, "tiny-sd3", tmp_path)
+    try:
+        assert session.default_block == default_block(sd3) == "J1I"
+        labels = dict((short, label) for label, short in session.block_choices())
+        assert labels["J1I"] == "J1I · image" and labels["J0T"] == "J0T · text"
+        view, errors = plan_scan(session, "a red cat", "", "0", "2", "5", "32x32", ["J1I"], False, "-5:5:3", "0",
+                                 "", "")
+        assert errors == {} and view.total == 4  # -5, 0, 5 and the default tile
+        view, errors = plan_scan(session, "a red cat", "", "0", "2", "5", "32x32", ["U1A1A2"], False, "1", "0", "",
+                                 "")
+        assert view is None and "a UNet block name" in errors["blocks"]
+    finally:
+        session.queue.close()

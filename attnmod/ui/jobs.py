@@ -15,6 +15,8 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from ..dit import denoiser
+
 
 class JobCancelled(Exception):
     """Raised inside a job's UNet call after its cancel button was pressed."""
@@ -62,7 +64,7 @@ class JobQueue:
         self._order: list[Job] = []
         self._numbers = itertools.count(1)
         self.current: Job | None = None
-        self._hook = pipe.unet.register_forward_pre_hook(self._unet_call)
+        self._hook = denoiser(pipe).register_forward_pre_hook(self._unet_call)  # UNet or DiT transformer
 
     def close(self) -> None:
         """Take the queue's UNet hook off the pipeline (the page keeps it for its whole life)."""

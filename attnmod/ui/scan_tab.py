@@ -110,7 +110,7 @@ def build(session) -> SimpleNamespace:
 def plan_scan(session, prompt, negative, seed, steps, guidance, size, blocks, together, start, rate, settings,
               folder) -> tuple[ScanView | None, dict[str, str]]:
     """The scan the form asks for, planned and checked (nothing written), or an error per field."""
-    model, unet = session.model, session.pipe.unet
+    model, unet = session.model, session.pipe
     lines = [s.strip() for s in (settings or "").splitlines() if s.strip()]
     blocks = [b for b in (blocks or []) if b]
 

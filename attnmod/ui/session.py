@@ -8,6 +8,7 @@ from pathlib import Path
 
 from ..blocks import downsampling, list_blocks
 from ..defaults import model_defaults
+from ..dit import default_block, denoiser, is_dit
 from ..loading import DEFAULT_MODEL, load_pipeline
 from .jobs import JobQueue
 
@@ -24,12 +25,16 @@ class Session:
     def __post_init__(self):
         self.out_dir = Path(self.out_dir)
         self.queue = JobQueue(self.pipe)
-        self.blocks = list_blocks(self.pipe.unet)
+        self.blocks = list_blocks(self.pipe)
         self.short_names = {b.name: b.short for b in self.blocks}
         self.defaults = model_defaults(self.pipe)
-        latent = self.pipe.unet.config.sample_size
-        factors = downsampling(self.pipe)
-        self.resolution = {b.short: latent // factors[b.name] if b.name in factors else None for b in self.blocks}
+        if is_dit(self.pipe):  # SD3 / FLUX: every block sees the same token grid
+            self.resolution = dict.fromkeys((b.short for b in self.blocks), None)
+        else:
+            latent = denoiser(self.pipe).config.sample_size
+            factors = downsampling(self.pipe)
+            self.resolution = {b.short: latent // factors[b.name] if b.name in factors else None
+                               for b in self.blocks}
 
     @classmethod
     def load(cls, model: str | None, out_dir: str | Path, device=None, dtype=None) -> Session:
@@ -39,14 +44,16 @@ class Session:
     @property
     def default_block(self) -> str:
         """The block the scan tab starts with: the embedded model's most telling one (README), else the paper's."""
-        return "U2A2A2" if self.model == DEFAULT_MODEL and "U2A2A2" in self.resolution else "U1A1A2"
+        if self.model == DEFAULT_MODEL and "U2A2A2" in self.resolution:
+            return "U2A2A2"
+        return default_block(self.pipe)  # U1A1A2, or a DiT model's middle joint block
 
     def block_choices(self) -> list[tuple[str, str]]:
         """(label, short name) per block: resolution, self/cross, and the influence rank once computed."""
         out = []
         for b in self.blocks:
             res = self.resolution[b.short]
-            label = f"{b.short} · {f'{res}×{res}' if res else '?'} · {b.kind}"
+            label = f"{b.short} · {f'{res}×{res} · ' if res else ''}{b.kind}"
             if b.short in self.ranks:
                 label += f" · rank {self.ranks[b.short]}"
             out.append((label, b.short))

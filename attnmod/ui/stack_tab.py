@@ -70,7 +70,7 @@ def wire(session, ui) -> None:
         lines = [m.strip() for m in (mods or "").splitlines() if m.strip()]
         checks = common_checks(model, prompt, negative, steps, guidance, size)
         checks["seed"] = seed_check(seed)
-        checks["mods"] = lambda: normalize_mods(pipe.unet, parse_mods(lines))
+        checks["mods"] = lambda: normalize_mods(pipe, parse_mods(lines))
         v, errors = check_fields(checks)
         if not errors:
             try:
