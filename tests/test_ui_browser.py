@@ -314,12 +314,21 @@ def test_add_to_stack_then_generate_remakes_the_tile(page, tmp_path):
     assert "unknown attention block 'U9A9A9'" in page.inner_text("#stack-mods-error")
 
 
-@pytest.mark.parametrize("tab, count", [("strategy", 1), ("edit", 3), ("style", 1)])
+@pytest.mark.parametrize("tab, count", [("strategy", 1), ("edit", 3), ("style", 1), ("transfer", 2), ("layout", 2),
+                                        ("panorama", 1)])
 def test_the_method_tabs_run_their_command(page, shots, tab, count):
     page.get_by_role("tab", name=tab.capitalize()).click()
-    fill(page, f"{tab}-steps", STEPS)
+    if tab == "transfer":  # its steps are an option (the reference's 100 by default)
+        fill(page, f"{tab}-option", "steps=6\nskip=2")
+    else:
+        fill(page, f"{tab}-steps", STEPS)
     if tab == "strategy":
         fill(page, f"{tab}-blocks", "U2*")
+    if tab == "layout":
+        fill(page, f"{tab}-option", "guidance_steps=1")
+    if tab == "panorama":
+        fill(page, f"{tab}-width", "96")
+        fill(page, f"{tab}-style_prompt", "a large blue star, on a dotted white background")
     page.click(f"#{tab}-run")
     page.wait_for_function(f"(document.querySelector('#{tab}-status')?.innerText || '').startsWith('done')",
                            timeout=180_000)
@@ -327,3 +336,9 @@ def test_the_method_tabs_run_their_command(page, shots, tab, count):
     assert page.locator(f"#{tab}-results .thumbnail-item").count() == count
     assert "wrote" in page.input_value(f"#{tab}-log textarea")
     assert page.errors == []
+    folder = Path(page.inner_text(f"#{tab}-status").removeprefix("done:").strip())
+    from attnmod import Recipe
+
+    sheets = ("grid.png", "side-by-side.png", "words.png", "segments.png", "self-attention-pca.png")
+    images = [p for p in folder.glob("*.png") if p.name not in sheets]
+    assert images and {Recipe.from_png(p).model for p in images} == {"toy"}  # the page's model, by its alias

@@ -1,4 +1,5 @@
-"""The method tabs — Influence, Strategy, Maps, Edit, Style — each the form of one ``attnmod`` command run on
+"""The method tabs — Influence, Strategy, Maps, Edit, Style, Transfer, Layout, Panorama — each the form of one
+``attnmod`` command run on
 the loaded model (``commands``), showing the files the command wrote. A bad value's error (the CLI's line)
 appears under the field whose flag it names."""
 
@@ -19,6 +20,7 @@ from .forms import error_text, field_for, one_line
 from .scan_tab import EXAMPLE
 
 EDIT_TO = "a large red circle in the center, on a striped blue background, flat style"
+LAYOUT_PROMPT = "a large red circle, a large blue square, on a plain white background, flat style"
 
 
 @dataclass(frozen=True)
@@ -81,6 +83,39 @@ METHODS = (
             Field("ref_image", "reference image (optional)", "--ref-image", "", "image"),
             Field("ref_prompt", "what the reference image shows", "--ref-prompt")),
            images=("grid.png",)),
+    Method("transfer", "Transfer", "Cross-Image Attention: the structure image's layout and shapes in the appearance "
+           "image's colours and textures (upload both, or generate them from prompts).",
+           (Field("structure", "structure image", "--structure", "", "image"),
+            Field("appearance", "appearance image", "--appearance", "", "image"),
+            Field("structure_prompt", "or generate the structure from this prompt", "--structure-prompt", EXAMPLE),
+            Field("appearance_prompt", "or generate the appearance from this prompt", "--appearance-prompt",
+                  EDIT_TO),
+            Field("noun", "the object's noun (masked AdaIN)", "--noun"),
+            Field("prompt", "prompt of the inversions and the transfer (empty: the model's)", "--prompt"),
+            Field("seed", "seed of the inversions", "--seed", "42"),
+            Field("option", "TransferOptions, NAME=VALUE per line (e.g. steps=50)", "--option", "", "lines")),
+           images=("side-by-side.png", "output.png")),
+    Method("layout", "Layout", "Bounded Attention (or layout guidance): each subject inside its box. One subject "
+           "per line, its words as in the prompt and its box X0,Y0,X1,Y1 (0-1, top-left origin). On the embedded "
+           "models, start the page with --model toy-layout: the default toy model draws objects only where its "
+           "prompt names a place.",
+           (Field("prompt", "prompt", "--prompt", LAYOUT_PROMPT),
+            Field("box", "subjects, one per line: WORDS=X0,Y0,X1,Y1", "--box",
+                  "red circle=0.05,0.3,0.45,0.7\nblue square=0.55,0.3,0.95,0.7", "lines"),
+            Field("method", "method", "--method", "bounded", "choice", ("bounded", "guidance", "none")),
+            *_sampling("0"),
+            Field("option", "BoundedOptions, NAME=VALUE per line (e.g. guidance_steps=10)", "--option", "", "lines")),
+           images=("overlay.png", "image.png")),
+    Method("panorama", "Panorama", "MultiDiffusion: a wide image from overlapping windows, optionally in the style "
+           "of generated references (one per line: anchored from left to right).",
+           (Field("prompt", "prompt", "--prompt", "a large red circle"),
+            Field("width", "width in pixels (the window's plus a multiple of its stride)", "--width", "256"),
+            Field("style_prompt", "style references, one prompt per line (optional)", "--style-prompt", "",
+                  "lines"),
+            *_sampling("0"),
+            Field("option", "StyleAlignedOptions, NAME=VALUE per line (e.g. query_chunk=1024)", "--option", "",
+                  "lines")),
+           images=("panorama.png",)),
 )
 
 
@@ -133,8 +168,8 @@ def _build(session, m: Method) -> SimpleNamespace:
     return ui
 
 
-def _argv(m: Method, values: dict, folder: Path) -> list[str]:
-    argv = [m.command]
+def _argv(m: Method, values: dict, folder: Path, model: str) -> list[str]:
+    argv = [m.command, "--model", model]  # the page's model: recipes name it, its grammar checks apply
     for f in m.fields:
         v = values[f.name]
         if f.kind == "check":
@@ -171,7 +206,7 @@ def _wire(session, ui, scan, tabs) -> None:
         values = {name: data[ui.inputs[name]] for name in names}
         folder = session.new_folder(m.command)
         try:
-            parsed = commands.parse(_argv(m, values, folder))
+            parsed = commands.parse(_argv(m, values, folder, session.model))
         except commands.CommandError as e:
             yield updates({field_for(str(e), flags) or "general": str(e)})
             return
