@@ -1,0 +1,80 @@
+"""AttnMod on a compiled UNet (``speed.compile_unet``): same images as eager, no recompilation per step or per
+scan batch. A counting backend (``CompileCounter``: eager execution of the captured graphs) keeps this fast."""
+
+import numpy as np
+import pytest
+import torch
+from conftest import hook_count, run
+from torch._dynamo.testing import CompileCounter
+
+from attnmod import Recipe, Schedule, Sweep, modify, run_scan, speed
+from attnmod.tiny import tiny_sd15
+
+MOD_A = {"U1*": Schedule(start=-5, rate=0.2)}
+MOD_B = {"U1*": Schedule(start=3, rate=-0.2), "D1A0A1": 2.0}
+SWEEP = Sweep(prompts=("a red cat",), starts=(-5.0, 4.0), rates=(0.5,))  # 6 tiles (defaults included)
+BASE = Recipe("a red cat", steps=3, guidance=5.0, width=32, height=32, model="tiny")
+
+
+@pytest.fixture(scope="module")
+def compiled():
+    """A tiny SD1.5 pipeline, its eager reference images, then the same pipeline compiled with a counter."""
+    pipe = tiny_sd15()
+    pipe.set_progress_bar_config(disable=True)
+    ref = {"stock": run(pipe), "a": _mod(pipe, MOD_A), "b": _mod(pipe, MOD_B), "a20": _mod(pipe, MOD_A, steps=20),
+           "scan": [np.asarray(im) for im in run_scan(pipe, SWEEP, BASE, batch_size=3, progress=False).images]}
+    counter = CompileCounter()
+    speed.compile_unet(pipe, backend=counter)
+    return pipe, ref, counter
+
+
+def _mod(pipe, mods, steps=3):
+    with modify(pipe, mods):
+        return run(pipe, steps=steps)
+
+
+def test_attnmod_on_compiled_unet_equals_eager_without_recompiling(compiled):
+    pipe, ref, counter = compiled
+    assert np.array_equal(run(pipe), ref["stock"])  # the slots at ones: bit-identical stock images
+    warm = counter.frame_count
+    assert warm >= 1
+    assert np.array_equal(_mod(pipe, MOD_A), ref["a"])
+    assert np.array_equal(_mod(pipe, MOD_A, steps=20), ref["a20"])  # a 20-step loop: every step a new value
+    assert np.array_equal(_mod(pipe, MOD_B), ref["b"])  # another AttnMod, other blocks
+    assert np.array_equal(run(pipe), ref["stock"])  # exit set the slots back to ones
+    assert counter.frame_count == warm
+
+
+def test_scan_batches_on_compiled_unet_do_not_recompile(compiled):
+    pipe, ref, counter = compiled
+    counts = []
+    result = run_scan(pipe, SWEEP, BASE, batch_size=3, progress=False,
+                      on_tiles=lambda tiles: counts.append(counter.frame_count))
+    assert len(result.tiles) == 6 and len(counts) == 2  # two batches of three settings each
+    assert counts[1] == counts[0]  # the first batch warms up its batch size; the second reuses it
+    for image, expected in zip(result.images, ref["scan"], strict=True):
+        assert np.array_equal(np.asarray(image), expected)
+
+
+def test_compile_unet_leaves_only_its_slots_and_refuses_bad_input(compiled):
+    pipe, _, _ = compiled
+    slots = speed.scale_slots(pipe.unet)
+    assert hook_count(pipe.unet) == len(slots.names) + 1  # one scale hook per block + the batch-size hook
+    with modify(pipe, MOD_A):
+        assert hook_count(pipe.unet) == len(slots.names) + 2  # AttnMod adds only its step hook
+    assert hook_count(pipe.unet) == len(slots.names) + 1
+    with pytest.raises(ValueError, match="already compiled"):
+        speed.compile_unet(pipe)
+    with pytest.raises(ValueError, match="unknown compile mode 'fast'"):
+        speed.compile_unet(tiny_sd15(), mode="fast")
+
+
+@pytest.mark.parametrize("how", ["method", "wrap"])
+def test_unet_compiled_outside_attnmod_is_refused(how):
+    pipe = tiny_sd15()
+    if how == "method":
+        pipe.unet.compile(backend="eager")
+    else:
+        pipe.unet = torch.compile(pipe.unet, backend="eager")
+    with pytest.raises(RuntimeError, match="compile_unet"):
+        modify(pipe, MOD_A)
