@@ -8,12 +8,13 @@ from pathlib import Path
 
 from PIL import Image
 
-from . import guards
+from . import guards, speed
 from .loading import (
     DEFAULT_MODEL,
     EMBEDDED,
     SCHEDULERS,
     ModelLoadError,
+    best_device,
     load_pipeline,
     model_fingerprint,
     model_reference,
@@ -30,6 +31,11 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", help="cuda, mps or cpu (default: best available)")
     p.add_argument("--dtype", help="fp16, bf16 or fp32 (default: fp16 on GPU, fp32 on CPU)")
     p.add_argument("--scheduler", choices=sorted(SCHEDULERS), help="sampler (default: the model's own)")
+    p.add_argument("--compile", nargs="?", const="default", default=None, metavar="MODE",
+                   help="torch.compile the UNet (mode: default, reduce-overhead or max-autotune; default 'default')")
+    p.add_argument("--offload", metavar="model|sequential",
+                   help="keep the weights in CPU memory, moving each model (or layer) to the GPU as it runs")
+    p.add_argument("--vae-tiling", action="store_true", help="decode the VAE in overlapping tiles (less memory)")
 
 
 def _gen_args(p: argparse.ArgumentParser, many_prompts: bool = False, required: bool | None = None) -> None:
@@ -236,6 +242,8 @@ _PROMPT_ARGS = ("prompt", "negative_prompt", "to", "ref_prompt", "structure_prom
 def _load(args, model: str | None = None):
     args.model = args.model or model or DEFAULT_MODEL
     guards.check_device(args.device)
+    speed.check_speed(best_device(args.device, args.dtype)[0], getattr(args, "compile", None),
+                      getattr(args, "offload", None))
     if args.model in EMBEDDED:  # the embedded models' grammar; a trailing full stop is dropped
         for name in _PROMPT_ARGS:
             value = getattr(args, name, None)
@@ -246,7 +254,8 @@ def _load(args, model: str | None = None):
     pipe = getattr(args, "pipeline", None)  # the web page runs commands on the model it has loaded
     if pipe is None:
         pipe = load_pipeline(args.model, device=args.device, dtype=args.dtype, scheduler=args.scheduler,
-                             config=args.config)
+                             config=args.config, compile=args.compile, offload=args.offload,
+                             vae_tiling=args.vae_tiling)
     prompts = [getattr(args, n, None) for n in _PROMPT_ARGS]
     for prompt in dict.fromkeys(p for v in prompts for p in (v if isinstance(v, list) else [v]) if p):
         warning = guards.check_prompt_length(getattr(pipe, "tokenizer", None), prompt)

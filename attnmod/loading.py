@@ -115,14 +115,22 @@ def _quiet_loading():
 
 
 def load_pipeline(model: str | None = None, *, device=None, dtype=None, scheduler: str | None = None,
-                  config: str | None = None):
+                  config: str | None = None, compile: str | None = None, offload: str | None = None,
+                  vae_tiling: bool = False):
     """A stock diffusers pipeline for ``model`` on ``device``/``dtype`` (see module doc for forms).
 
     ``config`` is a diffusers folder or hub id giving the component configs of a single-file
-    checkpoint (needed offline). The safety checker is not loaded.
+    checkpoint (needed offline). The safety checker is not loaded. ``compile`` (a ``torch.compile`` mode),
+    ``offload`` (``model`` / ``sequential``, CUDA only) and ``vae_tiling``: see ``speed.apply_speed``; they are
+    checked before anything loads.
     """
+    from . import speed
+
+    device, dtype = best_device(device, dtype)
+    speed.check_speed(device, compile, offload)
     with _quiet_loading():
-        return _load_pipeline(model, device, dtype, scheduler, config)
+        pipe = _load_pipeline(model, device, dtype, scheduler, config)
+    return speed.apply_speed(pipe, device, compile=compile, offload=offload, vae_tiling=vae_tiling)
 
 
 def _load_pipeline(model, device, dtype, scheduler, config):
@@ -171,7 +179,7 @@ def _load_pipeline(model, device, dtype, scheduler, config):
     if scheduler:
         set_scheduler(pipe, scheduler)
     pipe.set_progress_bar_config(disable=True)
-    return pipe.to(device)
+    return pipe
 
 
 def _index(path: Path) -> dict:
