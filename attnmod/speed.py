@@ -27,7 +27,9 @@ class ScaleSlots:
         self.dtype = unet.dtype
         self._by_batch: dict[tuple[int, torch.device], dict[str, torch.Tensor]] = {}
         self.live: dict[str, torch.Tensor] = {}  # this call's tensors (the ones of its batch size)
-        self._handles = [unet.register_forward_pre_hook(self._on_unet_call, with_kwargs=True)]
+        self._outer: list[dict[str, torch.Tensor]] = []  # of the calls around a nested one (a strategy's candidates)
+        self._handles = [unet.register_forward_pre_hook(self._on_unet_call, with_kwargs=True),
+                         unet.register_forward_hook(self._after_unet_call, always_call=True)]
         for name in self.names:
             to_out = unet.get_submodule(name).to_out[0]
             self._handles.append(to_out.register_forward_pre_hook(self._scale_hook(name)))
@@ -57,7 +59,12 @@ class ScaleSlots:
         from .modify import denoiser_input
 
         sample = denoiser_input(args, kwargs)
+        self._outer.append(self.live)
         self.live = self.tensors(sample.shape[0], sample.device)
+
+    @torch.compiler.disable
+    def _after_unet_call(self, module, args, output):
+        self.live = self._outer.pop() if self._outer else {}
 
     def _scale_hook(self, name: str):
         def hook(module, args):

@@ -8,6 +8,9 @@ from conftest import hook_count, run
 from torch._dynamo.testing import CompileCounter
 
 from attnmod import Recipe, Schedule, Sweep, modify, run_scan, speed
+from attnmod.maps import trace
+from attnmod.methods.style_aligned import style_aligned
+from attnmod.strategy import run_strategy
 from attnmod.tiny import tiny_sd15
 
 MOD_A = {"U1*": Schedule(start=-5, rate=0.2)}
@@ -22,7 +25,8 @@ def compiled():
     pipe = tiny_sd15()
     pipe.set_progress_bar_config(disable=True)
     ref = {"stock": run(pipe), "a": _mod(pipe, MOD_A), "b": _mod(pipe, MOD_B), "a20": _mod(pipe, MOD_A, steps=20),
-           "scan": [np.asarray(im) for im in run_scan(pipe, SWEEP, BASE, batch_size=3, progress=False).images]}
+           "scan": [np.asarray(im) for im in run_scan(pipe, SWEEP, BASE, batch_size=3, progress=False).images],
+           "maps": _maps(pipe), "style": _style(pipe), "strategy": run_strategy(pipe, BASE, blocks="U1*").image}
     counter = CompileCounter()
     speed.compile_unet(pipe, backend=counter)
     return pipe, ref, counter
@@ -31,6 +35,17 @@ def compiled():
 def _mod(pipe, mods, steps=3):
     with modify(pipe, mods):
         return run(pipe, steps=steps)
+
+
+def _maps(pipe, seed=0):
+    with trace(pipe) as maps:
+        run(pipe, seed=seed)
+    return maps.cross
+
+
+def _style(pipe, seed=0):
+    with style_aligned(pipe, images=2):
+        return run(pipe, prompt=["a red cat", "a blue house"], seed=seed)
 
 
 def test_attnmod_on_compiled_unet_equals_eager_without_recompiling(compiled):
@@ -59,10 +74,10 @@ def test_scan_batches_on_compiled_unet_do_not_recompile(compiled):
 def test_compile_unet_leaves_only_its_slots_and_refuses_bad_input(compiled):
     pipe, _, _ = compiled
     slots = speed.scale_slots(pipe.unet)
-    assert hook_count(pipe.unet) == len(slots.names) + 1  # one scale hook per block + the batch-size hook
+    assert hook_count(pipe.unet) == len(slots.names) + 2  # one scale hook per block + the batch-size hooks
     with modify(pipe, MOD_A):
-        assert hook_count(pipe.unet) == len(slots.names) + 2  # AttnMod adds only its step hook
-    assert hook_count(pipe.unet) == len(slots.names) + 1
+        assert hook_count(pipe.unet) == len(slots.names) + 3  # AttnMod adds only its step hook
+    assert hook_count(pipe.unet) == len(slots.names) + 2
     with pytest.raises(ValueError, match="already compiled"):
         speed.compile_unet(pipe)
     with pytest.raises(ValueError, match="unknown compile mode 'fast'"):
@@ -78,3 +93,17 @@ def test_unet_compiled_outside_attnmod_is_refused(how):
         pipe.unet = torch.compile(pipe.unet, backend="eager")
     with pytest.raises(RuntimeError, match="compile_unet"):
         modify(pipe, MOD_A)
+
+
+def test_maps_style_aligned_and_strategies_on_compiled_unet(compiled):
+    """Processor-based methods recompile once for their first run (their processors are new code), not after."""
+    pipe, ref, counter = compiled
+    assert torch.equal(_maps(pipe), ref["maps"])
+    warm = counter.frame_count
+    _maps(pipe, seed=1)
+    assert counter.frame_count == warm
+    assert np.array_equal(_style(pipe), ref["style"])
+    warm = counter.frame_count
+    _style(pipe, seed=1)
+    assert counter.frame_count == warm
+    assert np.abs(run_strategy(pipe, BASE, blocks="U1*").image - ref["strategy"]).max() < 1e-6
