@@ -112,7 +112,8 @@ class AttnMod:
         """Compile the schedules for a loop of ``num_steps`` UNet calls (done once per loop)."""
         tables = self.compile(num_steps)
         device = device or self.unet.device
-        self._tables = {n: torch.as_tensor(t, dtype=dtype or self.unet.dtype, device=device) for n, t in tables.items()}
+        dtype = dtype or self.unet.dtype  # once: ``unet.dtype`` walks every module
+        self._tables = {n: torch.as_tensor(t, dtype=dtype, device=device) for n, t in tables.items()}
         self._neutral = {n: (t == 1.0).all(axis=1) for n, t in tables.items()}
         self._num_steps = num_steps
         self.step = -1
@@ -144,10 +145,11 @@ class AttnMod:
         For callers that decide multipliers as the loop runs (greedy strategies); blocks not given keep
         theirs.
         """
+        dtype, device = self.unet.dtype, self.unet.device  # once: each walks every module
         for name, values in multipliers.items():
             if name not in self._tables:
                 raise ValueError(f"block {name!r} is not installed in this AttnMod")
-            values = torch.as_tensor(values, dtype=self.unet.dtype, device=self.unet.device).flatten()
+            values = torch.as_tensor(values, dtype=dtype, device=device).flatten()
             if batch_size % values.numel():
                 raise ValueError(f"UNet batch of {batch_size} is not a multiple of {values.numel()} settings")
             self._current[name] = values.repeat(batch_size // values.numel()).view(-1, 1, 1)
