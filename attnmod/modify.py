@@ -67,6 +67,9 @@ class AttnMod:
     def __init__(self, target, mods: Mods | Sequence[Mods], *, auto_step: bool = True, on_step=None):
         self.unet = dit.denoiser(target)  # a UNet, or an SD3 / FLUX transformer (``dit``)
         if speed.is_compiled(self.unet) and speed.scale_slots(self.unet) is None:
+            if dit.is_dit(self.unet):
+                raise RuntimeError("AttnMod does not support a compiled SD3 / FLUX transformer yet (it would ignore "
+                                   "AttnMod's hooks); run it uncompiled")
             raise RuntimeError("this UNet was compiled without attnmod, so it would ignore AttnMod's hooks; "
                                "compile it with attnmod.speed.compile_unet(pipe) instead")
         self._owner = target if hasattr(target, "scheduler") else None

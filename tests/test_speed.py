@@ -76,3 +76,16 @@ def test_model_offload_gives_the_same_images_on_a_gpu():
     with modify(offloaded, {"U1*": Schedule(-5, 0.5)}):
         b = run(offloaded)
     assert np.allclose(a, b, atol=1e-5)
+
+
+def test_ui_takes_the_flags_and_checks_them_first(monkeypatch, tmp_path, capsys):
+    import attnmod.ui as ui
+
+    seen = {}
+    monkeypatch.setattr(ui, "require_gradio", lambda: None)
+    monkeypatch.setattr(ui, "create", lambda *a, **k: seen.update(k) or (_ for _ in ()).throw(SystemExit(0)))
+    with pytest.raises(SystemExit):
+        main(["ui", "--model", "tiny", "--out", str(tmp_path / "ui"), "--compile", "--vae-tiling"])
+    assert seen["compile"] == "default" and seen["vae_tiling"] and seen["offload"] is None
+    assert main(["ui", "--out", str(tmp_path / "ui2"), "--offload", "model", "--device", "cpu"]) != 0
+    assert "--offload model needs a CUDA GPU" in capsys.readouterr().err
