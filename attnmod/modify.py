@@ -211,10 +211,15 @@ class AttnMod:
         if not self.blocks:
             return self  # nothing to modify: no hooks at all
         slots = speed.scale_slots(self.unet)
+        if slots is not None:  # compiled: no hook at all (dynamo guards on hooks), the slots call us
+            if slots.listener is not None:
+                raise RuntimeError("another AttnMod is already installed on this compiled UNet")
+            slots.listener, self._slots = self._on_unet_call, slots
+            self.reset()
+            return self
         try:
             self._handles.append(self.unet.register_forward_pre_hook(self._on_unet_call, with_kwargs=True))
-            self._slots = slots
-            for block in ([] if slots is not None else self.blocks):
+            for block in self.blocks:
                 if self._is_dit:
                     self._handles += dit.scale_hooks(self.unet, block.name, self._getter(block.name),
                                                      lambda: self._text_tokens)
@@ -233,6 +238,7 @@ class AttnMod:
         self._handles = []
         self._current = {}
         if self._slots is not None:
+            self._slots.listener = None
             self._slots.clear([b.name for b in self.blocks])
             self._slots = None
 

@@ -4,8 +4,8 @@
 guard on module hooks by default), so AttnMod's usual hooks would be silently ignored by a compiled UNet.
 ``compile_unet`` therefore installs, *before* compiling, one permanent scale hook per attention block that
 multiplies the attention result (before ``to_out``) by a per-block tensor held in ``ScaleSlots``: all ones
-(bit-exact stock output) until an AttnMod binds to the slots and writes its multipliers into them **in place**
-each step. The compiled graph reads the same tensors every call, so neither a new step nor a new setting
+(bit-exact stock output) until an AttnMod binds to the slots (as their ``listener``: no hook is added) and writes
+its multipliers into them **in place** each step. The compiled graph reads the same tensors every call, so neither a new step nor a new setting
 (another scan batch) recompiles; only a new batch size does (once).
 """
 
@@ -28,6 +28,7 @@ class ScaleSlots:
         self._by_batch: dict[tuple[int, torch.device], dict[str, torch.Tensor]] = {}
         self.live: dict[str, torch.Tensor] = {}  # this call's tensors (the ones of its batch size)
         self._outer: list[dict[str, torch.Tensor]] = []  # of the calls around a nested one (a strategy's candidates)
+        self.listener = None  # the bound AttnMod's step hook, called from the slots' own pre-hook (no new hook)
         self._handles = [unet.register_forward_pre_hook(self._on_unet_call, with_kwargs=True),
                          unet.register_forward_hook(self._after_unet_call, always_call=True)]
         for name in self.names:
@@ -61,6 +62,8 @@ class ScaleSlots:
         sample = denoiser_input(args, kwargs)
         self._outer.append(self.live)
         self.live = self.tensors(sample.shape[0], sample.device)
+        if self.listener is not None:
+            self.listener(module, args, kwargs)
 
     @torch.compiler.disable
     def _after_unet_call(self, module, args, output):
@@ -103,6 +106,9 @@ def compile_unet(pipe, mode: str = DEFAULT_COMPILE_MODE, **compile_kwargs) -> No
         raise ValueError("compile_unet needs a UNet pipeline (SD1.5 / SDXL); this one has no unet")
     if is_compiled(unet):
         raise ValueError("the UNet is already compiled; compile it once, with attnmod.speed.compile_unet")
+    # dynamo then guards on module hooks: a method that adds hooks to submodules (StyleAligned's group norms)
+    # recompiles instead of silently running a graph traced without them; AttnMod adds none (it is a listener)
+    torch._dynamo.config.skip_nnmodule_hook_guards = False
     setattr(unet, SLOTS_ATTR, ScaleSlots(unet, [b.name for b in list_blocks(unet)]))
     unet.compile(mode=None if mode == "default" else mode, **compile_kwargs)
 

@@ -9,13 +9,14 @@ from torch._dynamo.testing import CompileCounter
 
 from attnmod import Recipe, Schedule, Sweep, modify, run_scan, speed
 from attnmod.maps import trace
-from attnmod.methods.style_aligned import style_aligned
+from attnmod.methods.style_aligned import StyleAlignedOptions, style_aligned
 from attnmod.strategy import run_strategy
 from attnmod.tiny import tiny_sd15
 
 MOD_A = {"U1*": Schedule(start=-5, rate=0.2)}
 MOD_B = {"U1*": Schedule(start=3, rate=-0.2), "D1A0A1": 2.0}
 SWEEP = Sweep(prompts=("a red cat",), starts=(-5.0, 4.0), rates=(0.5,))  # 6 tiles (defaults included)
+NO_GROUP_NORM = StyleAlignedOptions(share_group_norm=False)  # no hooks on the group norms
 BASE = Recipe("a red cat", steps=3, guidance=5.0, width=32, height=32, model="tiny")
 
 
@@ -26,7 +27,7 @@ def compiled():
     pipe.set_progress_bar_config(disable=True)
     ref = {"stock": run(pipe), "a": _mod(pipe, MOD_A), "b": _mod(pipe, MOD_B), "a20": _mod(pipe, MOD_A, steps=20),
            "scan": [np.asarray(im) for im in run_scan(pipe, SWEEP, BASE, batch_size=3, progress=False).images],
-           "maps": _maps(pipe), "style": _style(pipe), "strategy": run_strategy(pipe, BASE, blocks="U1*").image}
+           "maps": _maps(pipe), "style": _style(pipe), "style_no_gn": _style(pipe, options=NO_GROUP_NORM), "strategy": run_strategy(pipe, BASE, blocks="U1*").image}
     counter = CompileCounter()
     speed.compile_unet(pipe, backend=counter)
     return pipe, ref, counter
@@ -43,8 +44,8 @@ def _maps(pipe, seed=0):
     return maps.cross
 
 
-def _style(pipe, seed=0):
-    with style_aligned(pipe, images=2):
+def _style(pipe, seed=0, options=None):
+    with style_aligned(pipe, images=2, options=options or StyleAlignedOptions()):
         return run(pipe, prompt=["a red cat", "a blue house"], seed=seed)
 
 
@@ -76,7 +77,7 @@ def test_compile_unet_leaves_only_its_slots_and_refuses_bad_input(compiled):
     slots = speed.scale_slots(pipe.unet)
     assert hook_count(pipe.unet) == len(slots.names) + 2  # one scale hook per block + the batch-size hooks
     with modify(pipe, MOD_A):
-        assert hook_count(pipe.unet) == len(slots.names) + 3  # AttnMod adds only its step hook
+        assert hook_count(pipe.unet) == len(slots.names) + 2  # AttnMod adds no hook: the slots call it
     assert hook_count(pipe.unet) == len(slots.names) + 2
     with pytest.raises(ValueError, match="already compiled"):
         speed.compile_unet(pipe)
@@ -107,3 +108,12 @@ def test_maps_style_aligned_and_strategies_on_compiled_unet(compiled):
     _style(pipe, seed=1)
     assert counter.frame_count == warm
     assert np.abs(run_strategy(pipe, BASE, blocks="U1*").image - ref["strategy"]).max() < 1e-6
+
+
+def test_hooks_added_after_compiling_are_never_silently_dropped(compiled):
+    """StyleAligned without, then with, hooks on the group norms: the second run must not reuse the first's graph
+    (compile_unet makes dynamo guard on module hooks)."""
+    pipe, ref, _ = compiled
+    assert np.array_equal(_style(pipe, options=NO_GROUP_NORM), ref["style_no_gn"])
+    assert np.array_equal(_style(pipe), ref["style"])
+    assert not np.array_equal(ref["style"], ref["style_no_gn"])
