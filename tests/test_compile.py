@@ -9,6 +9,7 @@ from torch._dynamo.testing import CompileCounter
 
 from attnmod import Recipe, Schedule, Sweep, modify, run_scan, speed
 from attnmod.maps import trace
+from attnmod.methods.p2p import EditOptions, edit
 from attnmod.methods.style_aligned import StyleAlignedOptions, style_aligned
 from attnmod.strategy import run_strategy
 from attnmod.tiny import tiny_sd15
@@ -16,6 +17,7 @@ from attnmod.tiny import tiny_sd15
 MOD_A = {"U1*": Schedule(start=-5, rate=0.2)}
 MOD_B = {"U1*": Schedule(start=3, rate=-0.2), "D1A0A1": 2.0}
 SWEEP = Sweep(prompts=("a red cat",), starts=(-5.0, 4.0), rates=(0.5,))  # 6 tiles (defaults included)
+EDITS = (EditOptions(0.8, 0.4), EditOptions(0.3, 0.0))
 NO_GROUP_NORM = StyleAlignedOptions(share_group_norm=False)  # no hooks on the group norms
 BASE = Recipe("a red cat", steps=3, guidance=5.0, width=32, height=32, model="tiny")
 
@@ -27,7 +29,8 @@ def compiled():
     pipe.set_progress_bar_config(disable=True)
     ref = {"stock": run(pipe), "a": _mod(pipe, MOD_A), "b": _mod(pipe, MOD_B), "a20": _mod(pipe, MOD_A, steps=20),
            "scan": [np.asarray(im) for im in run_scan(pipe, SWEEP, BASE, batch_size=3, progress=False).images],
-           "maps": _maps(pipe), "style": _style(pipe), "style_no_gn": _style(pipe, options=NO_GROUP_NORM), "strategy": run_strategy(pipe, BASE, blocks="U1*").image}
+           "maps": _maps(pipe), "style": _style(pipe), "style_no_gn": _style(pipe, options=NO_GROUP_NORM),
+           "p2p": [_edit(pipe, o) for o in EDITS], "strategy": run_strategy(pipe, BASE, blocks="U1*").image}
     counter = CompileCounter()
     speed.compile_unet(pipe, backend=counter)
     return pipe, ref, counter
@@ -47,6 +50,11 @@ def _maps(pipe, seed=0):
 def _style(pipe, seed=0, options=None):
     with style_aligned(pipe, images=2, options=options or StyleAlignedOptions()):
         return run(pipe, prompt=["a red cat", "a blue house"], seed=seed)
+
+
+def _edit(pipe, options):
+    result = edit(pipe, "a red cat", "a red dog", options=options, seed=0, steps=3, guidance=5.0, width=32, height=32)
+    return np.asarray(result.edited)
 
 
 def test_attnmod_on_compiled_unet_equals_eager_without_recompiling(compiled):
@@ -117,3 +125,10 @@ def test_hooks_added_after_compiling_are_never_silently_dropped(compiled):
     assert np.array_equal(_style(pipe, options=NO_GROUP_NORM), ref["style_no_gn"])
     assert np.array_equal(_style(pipe), ref["style"])
     assert not np.array_equal(ref["style"], ref["style_no_gn"])
+
+
+def test_prompt_to_prompt_on_compiled_unet_equals_eager(compiled):
+    """Correct, though each edit recompiles (its replacement windows are Python state read in the graph)."""
+    pipe, ref, _ = compiled
+    for options, expected in zip((*EDITS, EDITS[0]), (*ref["p2p"], ref["p2p"][0]), strict=True):
+        assert np.array_equal(_edit(pipe, options), expected)
