@@ -8,12 +8,13 @@ from pathlib import Path
 
 from PIL import Image
 
-from . import guards
+from . import guards, speed
 from .loading import (
     DEFAULT_MODEL,
     EMBEDDED,
     SCHEDULERS,
     ModelLoadError,
+    best_device,
     load_pipeline,
     model_fingerprint,
     model_reference,
@@ -30,6 +31,15 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", help="cuda, mps or cpu (default: best available)")
     p.add_argument("--dtype", help="fp16, bf16 or fp32 (default: fp16 on GPU, fp32 on CPU)")
     p.add_argument("--scheduler", choices=sorted(SCHEDULERS), help="sampler (default: the model's own)")
+    _speed_args(p)
+
+
+def _speed_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--compile", nargs="?", const="default", default=None, metavar="MODE",
+                   help="torch.compile the UNet (mode: default, reduce-overhead or max-autotune; default 'default')")
+    p.add_argument("--offload", metavar="model|sequential",
+                   help="keep the weights in CPU memory, moving each model (or layer) to the GPU as it runs")
+    p.add_argument("--vae-tiling", action="store_true", help="decode the VAE in overlapping tiles (less memory)")
 
 
 def _gen_args(p: argparse.ArgumentParser, many_prompts: bool = False, required: bool | None = None) -> None:
@@ -214,6 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="hub id, diffusers folder, .safetensors file or 'toy' (default)")
     p.add_argument("--device", help="cuda, mps or cpu (default: best available)")
     p.add_argument("--dtype", help="fp16, bf16 or fp32 (default: fp16 on GPU, fp32 on CPU)")
+    _speed_args(p)
     p.add_argument("--host", default="127.0.0.1", help="address to serve on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=guards.positive_int, default=7860, help="port (default 7860)")
     p.add_argument("--out", default="attnmod-ui", help="folder the page's results go to (scans resume there)")
@@ -236,6 +247,8 @@ _PROMPT_ARGS = ("prompt", "negative_prompt", "to", "ref_prompt", "structure_prom
 def _load(args, model: str | None = None):
     args.model = args.model or model or DEFAULT_MODEL
     guards.check_device(args.device)
+    speed.check_speed(best_device(args.device, args.dtype)[0], getattr(args, "compile", None),
+                      getattr(args, "offload", None))
     if args.model in EMBEDDED:  # the embedded models' grammar; a trailing full stop is dropped
         for name in _PROMPT_ARGS:
             value = getattr(args, name, None)
@@ -246,7 +259,8 @@ def _load(args, model: str | None = None):
     pipe = getattr(args, "pipeline", None)  # the web page runs commands on the model it has loaded
     if pipe is None:
         pipe = load_pipeline(args.model, device=args.device, dtype=args.dtype, scheduler=args.scheduler,
-                             config=args.config)
+                             config=args.config, compile=args.compile, offload=args.offload,
+                             vae_tiling=args.vae_tiling)
     prompts = [getattr(args, n, None) for n in _PROMPT_ARGS]
     for prompt in dict.fromkeys(p for v in prompts for p in (v if isinstance(v, list) else [v]) if p):
         warning = guards.check_prompt_length(getattr(pipe, "tokenizer", None), prompt)
@@ -933,8 +947,10 @@ def cmd_ui(args) -> int:
     except ImportError as e:
         raise ValueError(str(e)) from None
     guards.check_device(args.device)
+    speed.check_speed(best_device(args.device, args.dtype)[0], args.compile, args.offload)
     guards.check_output_dir(args.out)
-    demo, session = ui.create(args.model, args.out, device=args.device, dtype=args.dtype)
+    demo, session = ui.create(args.model, args.out, device=args.device, dtype=args.dtype, compile=args.compile,
+                              offload=args.offload, vae_tiling=args.vae_tiling)
     print(f"attnmod ui: serving model {session.model} on http://{args.host}:{args.port} (Ctrl-C stops); "
           f"results go to {session.out_dir}", file=sys.stderr)
     ui.launch(demo, session, host=args.host, port=args.port, block=True)

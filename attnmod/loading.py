@@ -115,14 +115,22 @@ def _quiet_loading():
 
 
 def load_pipeline(model: str | None = None, *, device=None, dtype=None, scheduler: str | None = None,
-                  config: str | None = None):
+                  config: str | None = None, compile: str | None = None, offload: str | None = None,
+                  vae_tiling: bool = False):
     """A stock diffusers pipeline for ``model`` on ``device``/``dtype`` (see module doc for forms).
 
     ``config`` is a diffusers folder or hub id giving the component configs of a single-file
-    checkpoint (needed offline). The safety checker is not loaded.
+    checkpoint (needed offline). The safety checker is not loaded. ``compile`` (a ``torch.compile`` mode),
+    ``offload`` (``model`` / ``sequential``, CUDA only) and ``vae_tiling``: see ``speed.apply_speed``; they are
+    checked before anything loads.
     """
+    from . import speed
+
+    device, dtype = best_device(device, dtype)
+    speed.check_speed(device, compile, offload)
     with _quiet_loading():
-        return _load_pipeline(model, device, dtype, scheduler, config)
+        pipe = _load_pipeline(model, device, dtype, scheduler, config)
+    return speed.apply_speed(pipe, device, compile=compile, offload=offload, vae_tiling=vae_tiling)
 
 
 def _load_pipeline(model, device, dtype, scheduler, config):
@@ -155,8 +163,10 @@ def _load_pipeline(model, device, dtype, scheduler, config):
                 if not path.is_file():
                     raise ModelLoadError(f"checkpoint file not found: {path}")
                 cls = getattr(diffusers, SINGLE_FILE_PIPELINES[checkpoint_kind(path)])
-                extra = {"config": config} if config else {}
-                pipe = cls.from_single_file(str(path), **_dtype_kwarg(dtype), **extra)
+                if config:
+                    pipe = cls.from_single_file(str(path), config=config, **_dtype_kwarg(dtype))
+                else:
+                    pipe = _single_file_without_config(cls, path, dtype)
             elif model in EMBEDDED:
                 raise ModelLoadError(f"the embedded model {model!r} is missing from {path}; reinstall attnmod")
             elif path.exists() or model.startswith((".", "/", "~")) or model.count("/") != 1:
@@ -171,7 +181,18 @@ def _load_pipeline(model, device, dtype, scheduler, config):
     if scheduler:
         set_scheduler(pipe, scheduler)
     pipe.set_progress_bar_config(disable=True)
-    return pipe.to(device)
+    return pipe
+
+
+def _single_file_without_config(cls, path: Path, dtype):
+    """diffusers fetches the configs of a single file's architecture from the hub; offline that fails."""
+    try:
+        return cls.from_single_file(str(path), **_dtype_kwarg(dtype))
+    except Exception as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelLoadError(f"cannot load {path.name} without its configs (diffusers looked them up on the hub: "
+                             f"{reason.split('. ')[0][:200]}); pass --config (config=) a local diffusers folder of the same "
+                             "architecture, e.g. a saved SD1.5 pipeline") from e
 
 
 def _index(path: Path) -> dict:

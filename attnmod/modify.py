@@ -11,6 +11,10 @@ The step is explicit state (``steps.LoopClock``): a pre-forward hook on the UNet
 when the scheduler's ``timesteps`` tensor is a new object (every pipeline call runs
 ``scheduler.set_timesteps``) and otherwise advances by one UNet call; callers that own their loop pass ``auto_step=False`` and call
 ``set_step(i)``. Per-step multipliers are compiled once per loop into a (steps, images) table.
+
+On a UNet compiled by ``speed.compile_unet`` AttnMod adds no scale hooks: it writes each step's multipliers in
+place into the UNet's ``speed.ScaleSlots`` (read by the compiled graph as tensors, so nothing recompiles) and
+sets them back to ones on exit. A UNet compiled any other way is refused (it would ignore new hooks).
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from contextvars import ContextVar
 import numpy as np
 import torch
 
-from . import dit
+from . import dit, speed
 from .blocks import Block, list_blocks, resolve_blocks
 from .schedule import Schedule, as_schedule
 from .steps import LoopClock
@@ -62,6 +66,12 @@ class AttnMod:
 
     def __init__(self, target, mods: Mods | Sequence[Mods], *, auto_step: bool = True, on_step=None):
         self.unet = dit.denoiser(target)  # a UNet, or an SD3 / FLUX transformer (``dit``)
+        if speed.is_compiled(self.unet) and speed.scale_slots(self.unet) is None:
+            if dit.is_dit(self.unet):
+                raise RuntimeError("AttnMod does not support a compiled SD3 / FLUX transformer yet (it would ignore "
+                                   "AttnMod's hooks); run it uncompiled")
+            raise RuntimeError("this UNet was compiled without attnmod, so it would ignore AttnMod's hooks; "
+                               "compile it with attnmod.speed.compile_unet(pipe) instead")
         self._owner = target if hasattr(target, "scheduler") else None
         per_image = [mods] if isinstance(mods, Mapping) else list(mods)
         if not per_image:
@@ -79,6 +89,7 @@ class AttnMod:
         self._tables: dict[str, torch.Tensor] = {}  # name -> (steps, images) on the UNet's device
         self._neutral: dict[str, np.ndarray] = {}  # name -> (steps,) bool: every image at 1.0
         self._current: dict[str, torch.Tensor | None] = {}  # name -> (B, 1, 1) for this step
+        self._slots = None  # speed.ScaleSlots of a compiled UNet while installed
         self.reset()
 
     # -- schedules ---------------------------------------------------------------------------------
@@ -104,7 +115,8 @@ class AttnMod:
         """Compile the schedules for a loop of ``num_steps`` UNet calls (done once per loop)."""
         tables = self.compile(num_steps)
         device = device or self.unet.device
-        self._tables = {n: torch.as_tensor(t, dtype=dtype or self.unet.dtype, device=device) for n, t in tables.items()}
+        dtype = dtype or self.unet.dtype  # once: ``unet.dtype`` walks every module
+        self._tables = {n: torch.as_tensor(t, dtype=dtype, device=device) for n, t in tables.items()}
         self._neutral = {n: (t == 1.0).all(axis=1) for n, t in tables.items()}
         self._num_steps = num_steps
         self.step = -1
@@ -126,6 +138,9 @@ class AttnMod:
             name: None if self._neutral[name][step] else table[step].repeat(batch_size // images).view(-1, 1, 1)
             for name, table in self._tables.items()
         }
+        if self._slots is not None:
+            for name, table in self._tables.items():
+                self._slots.write(name, table[step], batch_size)
 
     def set_multipliers(self, multipliers: Mapping[str, torch.Tensor], batch_size: int) -> None:
         """Override this step's multipliers: block name -> (images,) tensor, for a UNet batch of ``batch_size``.
@@ -133,14 +148,18 @@ class AttnMod:
         For callers that decide multipliers as the loop runs (greedy strategies); blocks not given keep
         theirs.
         """
+        dtype, device = self.unet.dtype, self.unet.device  # once: each walks every module
         for name, values in multipliers.items():
             if name not in self._tables:
                 raise ValueError(f"block {name!r} is not installed in this AttnMod")
-            values = torch.as_tensor(values, dtype=self.unet.dtype, device=self.unet.device).flatten()
+            values = torch.as_tensor(values, dtype=dtype, device=device).flatten()
             if batch_size % values.numel():
                 raise ValueError(f"UNet batch of {batch_size} is not a multiple of {values.numel()} settings")
             self._current[name] = values.repeat(batch_size // values.numel()).view(-1, 1, 1)
+            if self._slots is not None:
+                self._slots.write(name, values, batch_size)
 
+    @torch.compiler.disable  # host-side bookkeeping: never traced into a compiled UNet
     def _on_unet_call(self, module, args, kwargs):
         if _EXTRA_CALL.get():
             return None  # a UNet call made by an on_step callback, not a step of the loop
@@ -191,6 +210,13 @@ class AttnMod:
             raise RuntimeError("this AttnMod is already installed")
         if not self.blocks:
             return self  # nothing to modify: no hooks at all
+        slots = speed.scale_slots(self.unet)
+        if slots is not None:  # compiled: no hook at all (dynamo guards on hooks), the slots call us
+            if slots.listener is not None:
+                raise RuntimeError("another AttnMod is already installed on this compiled UNet")
+            slots.listener, self._slots = self._on_unet_call, slots
+            self.reset()
+            return self
         try:
             self._handles.append(self.unet.register_forward_pre_hook(self._on_unet_call, with_kwargs=True))
             for block in self.blocks:
@@ -211,6 +237,10 @@ class AttnMod:
             handle.remove()
         self._handles = []
         self._current = {}
+        if self._slots is not None:
+            self._slots.listener = None
+            self._slots.clear([b.name for b in self.blocks])
+            self._slots = None
 
 
 def denoiser_input(args, kwargs) -> torch.Tensor:

@@ -29,6 +29,11 @@
    block of a kind sharing one block's weights (the same compute, modules, hooks and names; FLUX's 12 B
    parameters would not fit a small machine's memory otherwise). Tiny text encoders and VAE of the right widths,
    latents only. --quick shrinks them to 2 blocks of each kind at 64x64 (same code path).
+8. torch.compile: eager vs compiled UNet (``load_pipeline(..., compile="default")``, inductor) on the embedded
+   model, seconds per image of plain generation and of AttnMod (every block modified), side by side and
+   interleaved; the compile warm-up of each; the number of compiled graphs after the warm-up and after the timed
+   rounds (equal: no recompilation per step or setting). Skipped by --quick (inductor's warm-up alone takes
+   minutes on a small CPU); run it with --only 8.
 """
 
 from __future__ import annotations
@@ -380,6 +385,38 @@ def peak_memory(model: str, device: str, condition: str, side: int) -> tuple[int
     return int(base), int(peak)
 
 
+def compile_cost(model: str, device, dtype, steps: int, rounds: int) -> dict:
+    """Section 8: eager vs compiled UNet, plain generation and AttnMod, seconds per image (medians)."""
+    from torch._dynamo.utils import counters
+
+    eager = load_pipeline(model, device=device, dtype=dtype)
+    compiled = load_pipeline(model, device=device, dtype=dtype, compile="default")
+    side = eager.unet.config.sample_size * eager.vae_scale_factor
+    recipe = Recipe("a large red circle in the center, on a plain white background, flat style"
+                    if model == "toy" else "a red cat", steps=steps, width=side, height=side, guidance=3.0)
+    mods = {b.name: Schedule(-5, 0.2) for b in list_blocks(eager.unet)}
+
+    def plain(pipe):
+        return lambda: render_stock(pipe, recipe)
+
+    def attnmod_run(pipe):
+        def fn():
+            with attnmod.modify(pipe, mods):
+                render_stock(pipe, recipe)
+        return fn
+
+    graphs = lambda: counters["stats"]["unique_graphs"]  # noqa: E731
+    before = graphs()
+    warm = {"plain": timed(plain(compiled), device)}
+    warm["attnmod"] = timed(attnmod_run(compiled), device)
+    warm_graphs = graphs() - before
+    med = interleaved({"eager plain": plain(eager), "compiled plain": plain(compiled),
+                       "eager AttnMod": attnmod_run(eager), "compiled AttnMod": attnmod_run(compiled)},
+                      rounds, device)
+    return {"side": side, "steps": steps, "blocks": len(mods), "warmup_s": warm, "seconds": med,
+            "graphs_after_warmup": warm_graphs, "graphs_after_rounds": graphs() - before}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="small sizes; < 2 min on 2 CPU cores")
@@ -390,9 +427,9 @@ def main(argv=None) -> int:
     ap.add_argument("--only", help="run only these sections, e.g. 6 or 1,4 (default: all)")
     args = ap.parse_args(argv)
     try:
-        only = {int(n) for n in args.only.split(",")} if args.only else set(range(1, 8))
+        only = {int(n) for n in args.only.split(",")} if args.only else set(range(1, 9)) - ({8} if args.quick else set())
     except ValueError:
-        ap.error(f"--only takes section numbers 1-7 separated by commas, got {args.only!r}")
+        ap.error(f"--only takes section numbers 1-8 separated by commas, got {args.only!r}")
     device = args.device
     dtype = torch.float16 if device.startswith("cuda") else torch.float32
     quick = args.quick
@@ -502,6 +539,22 @@ def main(argv=None) -> int:
             for label, m in row.items():
                 work = m["peak"] - m["before"]
                 print(f"  {mside}x{mside} {label:<30} {work / 2**20:9.1f} MiB   x{work / plain_w:5.2f}")
+
+    if 8 in only:
+        steps = 4 if quick else 20
+        cost = results["compile"] = compile_cost(toy, device, dtype, steps, rounds=2 if quick else 5)
+        print(f"\n## 8. torch.compile (inductor, mode 'default') on '{toy}' at {cost['side']}x{cost['side']}, "
+              f"{steps} steps, AttnMod on all {cost['blocks']} blocks: seconds per image")
+        sec = cost["seconds"]
+        for what in ("plain", "AttnMod"):
+            e, c = sec[f"eager {what}"], sec[f"compiled {what}"]
+            print(f"  {what:<8} eager {e:7.3f} s   compiled {c:7.3f} s   x{e / c:.2f} faster   "
+                  f"(compiled warm-up {cost['warmup_s'][what.lower()]:.1f} s)")
+        print(f"  AttnMod over plain: eager x{sec['eager AttnMod'] / sec['eager plain']:.3f}, compiled "
+              f"x{sec['compiled AttnMod'] / sec['compiled plain']:.3f}; compiled graphs: "
+              f"{cost['graphs_after_warmup']} after the warm-up, {cost['graphs_after_rounds']} after the timed rounds")
+    elif quick and not args.only:
+        print("\n## 8. torch.compile: skipped with --quick (inductor's warm-up takes minutes on CPU; --only 8)")
 
     if 7 in only:
         return dit_section(results, device, dtype, quick, args)

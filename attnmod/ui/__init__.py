@@ -21,13 +21,15 @@ def require_gradio():
     return gradio
 
 
-def create(model: str | None = None, out_dir: str | Path = "attnmod-ui", device=None, dtype=None):
-    """(page, session): the Gradio Blocks for ``model`` and the session holding its pipeline and job queue."""
+def create(model: str | None = None, out_dir: str | Path = "attnmod-ui", device=None, dtype=None, **speed):
+    """(page, session): the Gradio Blocks for ``model`` and the session holding its pipeline and job queue.
+
+    ``speed``: ``compile``, ``offload``, ``vae_tiling`` for ``load_pipeline``."""
     require_gradio()
     from .app import build_app
     from .session import Session
 
-    session = Session.load(model, out_dir, device=device, dtype=dtype)
+    session = Session.load(model, out_dir, device=device, dtype=dtype, **speed)
     return build_app(session), session
 
 

@@ -37,9 +37,10 @@ class Session:
                                for b in self.blocks}
 
     @classmethod
-    def load(cls, model: str | None, out_dir: str | Path, device=None, dtype=None) -> Session:
+    def load(cls, model: str | None, out_dir: str | Path, device=None, dtype=None, **speed) -> Session:
+        """``speed``: ``compile``, ``offload``, ``vae_tiling`` for ``load_pipeline``."""
         model = model or DEFAULT_MODEL
-        return cls(load_pipeline(model, device=device, dtype=dtype), model, Path(out_dir))
+        return cls(load_pipeline(model, device=device, dtype=dtype, **speed), model, Path(out_dir))
 
     @property
     def default_block(self) -> str:
