@@ -10,7 +10,7 @@ make one sheet each. The default tile (multiplier 1, rate 0) is always included 
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -228,6 +228,7 @@ def run_scan(
     title: str = "",
     side_by_side: bool = False,
     on_tiles: Callable[[list[Tile]], None] | None = None,
+    executor=None,
 ) -> ScanResult:
     """Render every tile of ``sweep`` not already on disk under ``out``, in batches of ``batch_size``.
 
@@ -244,13 +245,17 @@ def run_scan(
     (``attnmod.lock.folder_lock``): a second run on the same folder fails at once with ValueError.
     A tile that cannot be written (disk full, ...) stops the scan with an ``OSError`` naming the file;
     the manifest then lists the tiles written before it.
+
+    ``executor`` renders the batches: ``None`` or ``LocalExecutor()`` renders them here on ``pipe``;
+    ``attnmod.distributed.RayExecutor`` sends them to a pool of Ray workers. Planning, resuming and
+    writing are the same either way: this process writes every tile, the manifest and the sheets.
     """
     tiles = check_scan(pipe, sweep, base, batch_size)
     short = {b.name: b.short for b in list_blocks(pipe)}
     result = ScanResult(sweep, tiles, short, title=title, tile_px=tile_px or max(128, base.width))
     out = Path(out) if out is not None else None
     with folder_lock(out) if out is not None else nullcontext():
-        return _scan(pipe, result, base, out, batch_size, progress, side_by_side, on_tiles)
+        return _scan(pipe, result, base, out, batch_size, progress, side_by_side, on_tiles, executor)
 
 
 def check_scan(pipe, sweep: Sweep, base: Recipe, batch_size: int = 8) -> list[Tile]:
@@ -263,7 +268,8 @@ def check_scan(pipe, sweep: Sweep, base: Recipe, batch_size: int = 8) -> list[Ti
 
 
 def _scan(pipe, result: ScanResult, base: Recipe, out: Path | None, batch_size: int, progress,
-          side_by_side: bool, on_tiles: Callable[[list[Tile]], None] | None = None) -> ScanResult:
+          side_by_side: bool, on_tiles: Callable[[list[Tile]], None] | None = None,
+          executor=None) -> ScanResult:
     """Resume or render the tiles of ``result``, then write the sheets and the manifest."""
     tiles, short = result.tiles, result.short_names
     unique: dict[str, list[Tile]] = {}
@@ -281,9 +287,10 @@ def _scan(pipe, result: ScanResult, base: Recipe, out: Path | None, batch_size: 
         on_tiles([t for t in tiles if t.status == "done"])
     bar = tqdm(total=len(pending), disable=progress is not True, unit="img", desc="scan")
     done = 0
-    for start in range(0, len(pending), batch_size):
-        batch = pending[start : start + batch_size]
-        images = render(pipe, [g[0].recipe for g in batch])
+    batches = [pending[start : start + batch_size] for start in range(0, len(pending), batch_size)]
+    recipes = [[g[0].recipe for g in batch] for batch in batches]
+    for index, images in (executor or LocalExecutor()).map(pipe, recipes):
+        batch = batches[index]
         ok = finite(images)
         for group, image, good in zip(batch, images, ok, strict=True):
             pil = to_pil(image) if good else None
@@ -305,6 +312,15 @@ def _scan(pipe, result: ScanResult, base: Recipe, out: Path | None, batch_size: 
         result.sheet_files = write_sheets(result, out, side_by_side)
         write_manifest(out / "manifest.json", result, base)
     return result
+
+
+class LocalExecutor:
+    """Renders a scan's batches one after another on the scan's own pipeline (the default)."""
+
+    def map(self, pipe, batches: Sequence[Sequence[Recipe]]) -> Iterator[tuple[int, np.ndarray]]:
+        """``(batch index, images)`` for every batch, as each finishes (here: in order)."""
+        for index, recipes in enumerate(batches):
+            yield index, render(pipe, recipes)
 
 
 def _already_done(path: Path | None, recipe: Recipe) -> bool:

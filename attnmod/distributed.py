@@ -1,0 +1,177 @@
+"""Scans on a Ray cluster: ``run_scan(..., executor=RayExecutor(...))``.
+
+The driver plans the tiles, resumes from the output folder and writes every tile, the manifest and the
+sheets exactly as a local scan does (``attnmod.sweep``); only the rendering of the batches moves to a pool
+of Ray actors, each holding the pipeline loaded once (by the recipes' model reference: ``tiny``, a folder,
+a hub id). Batches carry their index and come back in any order. A worker that dies loses only its
+in-flight batch, which goes to another worker. Ray is imported here only, when an executor is made.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from .recipe import Recipe
+
+INSTALL_HINT = 'Ray is not installed: pip install "attnmod[ray]"'
+
+
+def _ray():
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    try:
+        import ray
+    except ImportError:
+        raise ValueError(INSTALL_HINT) from None
+    return ray
+
+
+@dataclass(frozen=True)
+class RayOptions:
+    address: str | None = None  # None: ray.init() on this machine (unless Ray is already initialised)
+    workers: int = 2  # actors, one per GPU (or CPU slot)
+    gpus_per_worker: float = 0
+    cpus_per_worker: float = 1
+
+    def __post_init__(self):
+        if self.workers < 1:
+            raise ValueError("Ray workers must be >= 1")
+        if self.gpus_per_worker < 0 or self.cpus_per_worker < 0:
+            raise ValueError("GPUs and CPUs per Ray worker must be >= 0")
+
+
+class RenderWorker:
+    """A Ray actor's state: one pipeline, loaded on first use, kept for every later batch."""
+
+    def __init__(self):
+        self.pipe = None
+        self.spec = None
+
+    def hello(self) -> str:
+        from . import __version__
+
+        return __version__
+
+    def load(self, spec: tuple[str, str, str, str]) -> None:
+        if spec == self.spec:
+            return
+        from .loading import load_pipeline
+
+        model, scheduler, device, dtype = spec
+        try:
+            pipe = load_pipeline(model, device=device or None, dtype=dtype or None)
+        except Exception as e:  # noqa: BLE001 - the reason travels back to the driver in one line
+            reason = " ".join(str(e).split()) or type(e).__name__
+            raise ValueError(f"a Ray worker cannot load the model {model!r}: {reason}") from None
+        if scheduler and type(pipe.scheduler).__name__ != scheduler:
+            import diffusers
+
+            pipe.scheduler = getattr(diffusers, scheduler).from_config(pipe.scheduler.config)
+        pipe.set_progress_bar_config(disable=True)
+        self.pipe, self.spec = pipe, spec
+
+    def render(self, index: int, recipes: list[dict]) -> tuple[int, np.ndarray]:
+        from .generate import render
+
+        batch = [Recipe.from_dict(r) for r in recipes]
+        self.load(_spec(batch[0]))
+        return index, render(self.pipe, batch)
+
+
+def _spec(recipe: Recipe) -> tuple[str, str, str, str]:
+    """What a worker loads for ``recipe``: model, scheduler class, device type, dtype."""
+    return recipe.model, recipe.scheduler, recipe.device.split(":")[0], recipe.dtype
+
+
+class RayExecutor:
+    """Renders a scan's batches on ``workers`` Ray actors (see the module doc); ``close()`` ends them."""
+
+    def __init__(self, address: str | None = None, workers: int = 2, gpus_per_worker: float = 0,
+                 cpus_per_worker: float = 1):
+        self.options = RayOptions(address, workers, gpus_per_worker, cpus_per_worker)
+        self._ray = _ray()
+        self._actors: list = []
+
+    @property
+    def actors(self) -> tuple:
+        """The live actors' handles (started by the first ``map``)."""
+        return tuple(self._actors)
+
+    def start(self) -> None:
+        ray, o = self._ray, self.options
+        if not ray.is_initialized():
+            try:
+                ray.init(address=o.address, include_dashboard=False, log_to_driver=False)
+            except ConnectionError as e:
+                raise ValueError(f"cannot reach the Ray cluster at {o.address}: {' '.join(str(e).split())}") from None
+        if self._actors:
+            return
+        actor = ray.remote(RenderWorker).options(num_cpus=o.cpus_per_worker, num_gpus=o.gpus_per_worker,
+                                                 max_restarts=0)
+        self._actors = [actor.remote() for _ in range(o.workers)]
+        from . import __version__
+
+        versions = self._get([a.hello.remote() for a in self._actors])
+        if any(v != __version__ for v in versions):
+            self.close()
+            raise ValueError(f"Ray workers run attnmod {', '.join(sorted(set(versions)))}, this driver {__version__}; "
+                             "install the same version everywhere")
+
+    def map(self, pipe, batches: Sequence[Sequence[Recipe]]) -> Iterator[tuple[int, np.ndarray]]:
+        """``(batch index, images)`` for every batch as it finishes, in any order."""
+        ray = self._ray
+        if not batches:
+            return
+        self.start()
+        specs = {_spec(b[0]) for b in batches}
+        self._get([a.load.remote(s) for a in self._actors for s in specs])  # load (and fail) before any tile
+        queue = list(range(len(batches)))[::-1]
+        payload = [[r.to_dict() for r in b] for b in batches]
+        running: dict = {}  # object ref -> (actor, batch index)
+
+        def feed(actor) -> None:
+            if queue:
+                index = queue.pop()
+                running[actor.render.remote(index, payload[index])] = (actor, index)
+
+        for actor in self._actors:
+            feed(actor)
+        while running:
+            [ref], _ = ray.wait(list(running), num_returns=1)
+            actor, index = running.pop(ref)
+            try:
+                got, images = ray.get(ref)
+            except ray.exceptions.RayActorError:  # the worker died: its batch goes to another one
+                self._actors.remove(actor)
+                queue.append(index)
+                if not self._actors:
+                    raise RuntimeError("every Ray worker died; re-run the scan to resume it") from None
+                idle = [a for a in self._actors if a not in {v[0] for v in running.values()}]
+                for a in idle:
+                    feed(a)
+                continue
+            feed(actor)  # keep the worker busy while the driver writes this batch
+            yield got, images
+
+    def _get(self, refs):
+        """``ray.get``, with a worker's ``ValueError`` raised here as itself (one line, no remote traceback)."""
+        try:
+            return self._ray.get(refs)
+        except self._ray.exceptions.RayTaskError as e:
+            if isinstance(e.cause, ValueError):
+                raise ValueError(str(e.cause)) from None
+            raise
+
+    def close(self) -> None:
+        for actor in self._actors:
+            self._ray.kill(actor)
+        self._actors = []
+
+    def __enter__(self) -> RayExecutor:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

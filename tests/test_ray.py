@@ -1,0 +1,94 @@
+"""Scans on Ray (attnmod.distributed): local Ray, 2 CPU workers, the tiny model, 2 steps."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from attnmod import Recipe, Sweep, run_scan
+
+ray = pytest.importorskip("ray", reason='Ray is not installed (pip install "attnmod[ray]")')
+
+from attnmod.distributed import RayExecutor  # noqa: E402
+
+BASE = Recipe("a red cat", steps=2, guidance=5.0, width=32, height=32, model="tiny")
+SWEEP = Sweep(prompts=("a red cat",), seeds=(0, 1), starts=(-5.0, 4.0), rates=(0.5,))  # 3 x 2 x 2 = 12 tiles
+
+
+@pytest.fixture(scope="module")
+def executor():
+    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ex = RayExecutor(workers=2)
+    yield ex
+    ex.close()
+    ray.shutdown()
+
+
+def _pixels(folder):
+    return {p.name: np.asarray(Image.open(p)) for p in sorted((folder / "tiles").glob("*.png"))}
+
+
+def _manifest(folder):
+    return json.loads((folder / "manifest.json").read_text())
+
+
+def test_sharded_scan_equals_local_scan(sd, executor, tmp_path):
+    local = run_scan(sd, SWEEP, BASE, out=tmp_path / "local", batch_size=2, progress=False)
+    sharded = run_scan(sd, SWEEP, BASE, out=tmp_path / "ray", batch_size=2, progress=False, executor=executor)
+    assert sharded.rendered == local.rendered == 12 and not sharded.failed
+    here, there = _pixels(tmp_path / "local"), _pixels(tmp_path / "ray")
+    assert len(here) == 12 and here.keys() == there.keys()
+    assert all(np.array_equal(here[k], there[k]) for k in here)
+    for name in here:  # the recipe embedded in each tile too
+        assert Recipe.from_png(tmp_path / "ray" / "tiles" / name) == Recipe.from_png(tmp_path / "local" / "tiles" / name)
+    assert _manifest(tmp_path / "ray") == _manifest(tmp_path / "local")
+    for grid in local.sheet_files:
+        assert np.array_equal(np.asarray(Image.open(grid)), np.asarray(Image.open(tmp_path / "ray" / grid.name)))
+    assert not list((tmp_path / "ray").rglob(".*.tmp"))
+
+
+def test_interrupted_driver_resumes_without_recomputing(sd, executor, tmp_path):
+    def interrupt(done, total):
+        if done >= 4:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_scan(sd, SWEEP, BASE, out=tmp_path, batch_size=2, progress=interrupt, executor=executor)
+    finished = {p: p.stat().st_mtime_ns for p in (tmp_path / "tiles").glob("*.png")}
+    assert len(finished) == 4
+    assert not list(tmp_path.glob("tiles/.*.tmp"))
+    result = run_scan(sd, SWEEP, BASE, out=tmp_path, batch_size=2, progress=False, executor=executor)
+    assert result.pending_count == 8 and result.rendered == 8
+    assert all(p.stat().st_mtime_ns == t for p, t in finished.items())
+    assert all(t["status"] == "done" for t in _manifest(tmp_path)["tiles"])
+    again = run_scan(sd, SWEEP, BASE, out=tmp_path, batch_size=2, progress=False, executor=executor)
+    assert again.pending_count == 0
+
+
+def test_workers_without_the_model_fail_before_any_tile(sd, executor, tmp_path):
+    missing = Recipe("a red cat", steps=2, guidance=5.0, width=32, height=32, model=str(tmp_path / "nowhere"))
+    with pytest.raises(ValueError, match="cannot load the model"):
+        run_scan(sd, SWEEP, missing, out=tmp_path / "out", batch_size=2, progress=False, executor=executor)
+    assert not list((tmp_path / "out").glob("tiles/*.png"))
+
+
+def test_options_are_checked():
+    with pytest.raises(ValueError, match="workers must be >= 1"):
+        RayExecutor(workers=0)
+
+
+def test_killed_worker_loses_only_its_batch(sd, executor, tmp_path):  # last: it leaves one worker
+    assert len(executor.actors) == 2
+
+    def kill_one(done, total):
+        if done == 1:
+            ray.kill(executor.actors[0])  # a real kill: the process ends with a batch in flight
+
+    result = run_scan(sd, SWEEP, BASE, out=tmp_path, batch_size=1, progress=kill_one, executor=executor)
+    assert len(executor.actors) == 1
+    assert result.rendered == 12 and not result.failed
+    assert len(list((tmp_path / "tiles").glob("*.png"))) == 12
+    assert all(t["status"] == "done" for t in _manifest(tmp_path)["tiles"])
