@@ -90,6 +90,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=guards.positive_int, default=8, help="images per pipeline call")
     p.add_argument("--tile-px", type=guards.positive_int, default=None, help="display size of a tile in the grid")
     p.add_argument("--out", required=True, help="output folder (re-running resumes)")
+    p.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
+                   help="render the batches on a Ray cluster (ADDRESS, e.g. auto or ray://host:10001; "
+                        "alone: a local Ray on this machine); this process writes the output folder")
+    p.add_argument("--ray-workers", type=guards.positive_int, default=2,
+                   help="Ray workers, each holding the model once (one per GPU on a GPU cluster; default 2)")
 
     p = sub.add_parser("strategy", help="greedy multi-block AttnMod (paper Fig. 9): one block gains +1 per step")
     _gen_args(p)
@@ -442,6 +447,10 @@ def cmd_scan(args) -> int:
 
     guards.check_output_dir(args.out)
     sweep = _sweep_from_args(args)
+    if args.ray is not None:
+        from .distributed import require_ray
+
+        require_ray()  # a one-line error before the model loads
     pipe = _load(args)
     if not args.block and not args.pair:
         from dataclasses import replace as dc_replace
@@ -457,8 +466,19 @@ def cmd_scan(args) -> int:
     print(f"scan: {len(tiles)} tiles ({unique} distinct images) x {base.steps} steps = "
           f"{unique * base.steps} denoising steps; x={x}, y={y}" + (f", sheets by {', '.join(sheets)}" if sheets else ""))
     title = scan_title(sweep, base)
-    result = run_scan(pipe, sweep, base, out=args.out, batch_size=args.batch_size, progress=not args.quiet,
-                      tile_px=args.tile_px, title=title, side_by_side=args.side_by_side or bool(args.pair))
+    executor = None
+    if args.ray is not None:
+        from .distributed import RayExecutor
+
+        executor = RayExecutor(address=args.ray or None, workers=args.ray_workers,
+                               gpus_per_worker=1 if base.device.startswith("cuda") else 0)
+    try:
+        result = run_scan(pipe, sweep, base, out=args.out, batch_size=args.batch_size, progress=not args.quiet,
+                          tile_px=args.tile_px, title=title, side_by_side=args.side_by_side or bool(args.pair),
+                          executor=executor)
+    finally:
+        if executor is not None:
+            executor.close()
     print(f"rendered {result.rendered} of {unique} images ({unique - result.pending_count} already done); "
           f"sheets: {', '.join(str(p) for p in result.sheet_files)}")
     if result.failed:

@@ -20,7 +20,7 @@ from .recipe import Recipe
 INSTALL_HINT = 'Ray is not installed: pip install "attnmod[ray]"'
 
 
-def _ray():
+def require_ray():
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     try:
         import ray
@@ -92,7 +92,7 @@ class RayExecutor:
     def __init__(self, address: str | None = None, workers: int = 2, gpus_per_worker: float = 0,
                  cpus_per_worker: float = 1):
         self.options = RayOptions(address, workers, gpus_per_worker, cpus_per_worker)
-        self._ray = _ray()
+        self._ray = require_ray()
         self._actors: list = []
 
     @property

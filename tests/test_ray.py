@@ -2,19 +2,34 @@
 
 import json
 import os
+import sys
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from attnmod import Recipe, Sweep, run_scan
+from attnmod.cli import main
+from attnmod.distributed import RayExecutor
 
-ray = pytest.importorskip("ray", reason='Ray is not installed (pip install "attnmod[ray]")')
-
-from attnmod.distributed import RayExecutor  # noqa: E402
+try:
+    import ray
+except ImportError:
+    ray = None
+needs_ray = pytest.mark.skipif(ray is None, reason='Ray is not installed (pip install "attnmod[ray]")')
 
 BASE = Recipe("a red cat", steps=2, guidance=5.0, width=32, height=32, model="tiny")
 SWEEP = Sweep(prompts=("a red cat",), seeds=(0, 1), starts=(-5.0, 4.0), rates=(0.5,))  # 3 x 2 x 2 = 12 tiles
+
+
+def test_scan_without_ray_is_one_clear_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if not installed
+    out = tmp_path / "scan"
+    code = main(["scan", "--model", "tiny", "--prompt", "a red cat", "--steps", "2", "--size", "32x32",
+                 "--start", "-5", "--rate", "0.5", "--out", str(out), "--quiet", "--ray"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.strip() == 'attnmod scan: error: Ray is not installed: pip install "attnmod[ray]"'
+    assert not out.exists()
 
 
 @pytest.fixture(scope="module")
@@ -35,6 +50,7 @@ def _manifest(folder):
     return json.loads((folder / "manifest.json").read_text())
 
 
+@needs_ray
 def test_sharded_scan_equals_local_scan(sd, executor, tmp_path):
     local = run_scan(sd, SWEEP, BASE, out=tmp_path / "local", batch_size=2, progress=False)
     sharded = run_scan(sd, SWEEP, BASE, out=tmp_path / "ray", batch_size=2, progress=False, executor=executor)
@@ -50,6 +66,7 @@ def test_sharded_scan_equals_local_scan(sd, executor, tmp_path):
     assert not list((tmp_path / "ray").rglob(".*.tmp"))
 
 
+@needs_ray
 def test_interrupted_driver_resumes_without_recomputing(sd, executor, tmp_path):
     def interrupt(done, total):
         if done >= 4:
@@ -68,6 +85,7 @@ def test_interrupted_driver_resumes_without_recomputing(sd, executor, tmp_path):
     assert again.pending_count == 0
 
 
+@needs_ray
 def test_workers_without_the_model_fail_before_any_tile(sd, executor, tmp_path):
     missing = Recipe("a red cat", steps=2, guidance=5.0, width=32, height=32, model=str(tmp_path / "nowhere"))
     with pytest.raises(ValueError, match="cannot load the model"):
@@ -75,11 +93,13 @@ def test_workers_without_the_model_fail_before_any_tile(sd, executor, tmp_path):
     assert not list((tmp_path / "out").glob("tiles/*.png"))
 
 
+@needs_ray
 def test_options_are_checked():
     with pytest.raises(ValueError, match="workers must be >= 1"):
         RayExecutor(workers=0)
 
 
+@needs_ray
 def test_killed_worker_loses_only_its_batch(sd, executor, tmp_path):  # last: it leaves one worker
     assert len(executor.actors) == 2
 
@@ -92,3 +112,15 @@ def test_killed_worker_loses_only_its_batch(sd, executor, tmp_path):  # last: it
     assert result.rendered == 12 and not result.failed
     assert len(list((tmp_path / "tiles").glob("*.png"))) == 12
     assert all(t["status"] == "done" for t in _manifest(tmp_path)["tiles"])
+
+
+@needs_ray
+def test_cli_scan_on_ray_equals_local(executor, tmp_path, capsys):  # after the kill: one CPU slot is free
+    args = ["scan", "--model", "tiny", "--prompt", "a red cat", "--seed", "0,1", "--start", "-5", "--rate", "0.5",
+            "--steps", "2", "--size", "32x32", "--batch-size", "2", "--quiet"]
+    assert main([*args, "--out", str(tmp_path / "local")]) == 0
+    assert main([*args, "--out", str(tmp_path / "ray"), "--ray", "--ray-workers", "1"]) == 0
+    assert "rendered 8 of 8 images" in capsys.readouterr().out
+    here, there = _pixels(tmp_path / "local"), _pixels(tmp_path / "ray")
+    assert len(here) == 8 and all(np.array_equal(here[k], there[k]) for k in here) and here.keys() == there.keys()
+    assert _manifest(tmp_path / "ray") == _manifest(tmp_path / "local")
