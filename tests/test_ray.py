@@ -124,3 +124,17 @@ def test_cli_scan_on_ray_equals_local(executor, tmp_path, capsys):  # after the 
     here, there = _pixels(tmp_path / "local"), _pixels(tmp_path / "ray")
     assert len(here) == 8 and all(np.array_equal(here[k], there[k]) for k in here) and here.keys() == there.keys()
     assert _manifest(tmp_path / "ray") == _manifest(tmp_path / "local")
+
+
+@needs_ray
+def test_workers_with_another_attnmod_version_are_refused(executor, monkeypatch):  # after the kill: a free slot
+    import re
+
+    import attnmod
+
+    workers = attnmod.__version__
+    monkeypatch.setattr(attnmod, "__version__", "0.0.0-driver")
+    ex = RayExecutor(workers=1)
+    with pytest.raises(ValueError, match=re.escape(f"Ray workers run attnmod {workers}, this driver 0.0.0-driver")):
+        ex.start()
+    assert ex.actors == ()
