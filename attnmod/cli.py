@@ -448,9 +448,10 @@ def cmd_scan(args) -> int:
     guards.check_output_dir(args.out)
     sweep = _sweep_from_args(args)
     if args.ray is not None:
-        from .distributed import require_ray
+        from .distributed import check_reachable, require_ray
 
-        require_ray()  # a one-line error before the model loads
+        require_ray()  # one-line errors before the model loads
+        check_reachable(args.ray or None)
     pipe = _load(args)
     if not args.block and not args.pair:
         from dataclasses import replace as dc_replace

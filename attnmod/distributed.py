@@ -10,6 +10,7 @@ in-flight batch, which goes to another worker. Ray is imported here only, when a
 from __future__ import annotations
 
 import os
+import socket
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -27,6 +28,20 @@ def require_ray():
     except ImportError:
         raise ValueError(INSTALL_HINT) from None
     return ray
+
+
+def check_reachable(address: str | None, timeout: float = 5.0) -> None:
+    """A ``HOST:PORT`` or ``ray://HOST:PORT`` address must accept a connection (Ray itself would retry for
+    minutes); ``None`` and ``auto`` are left to Ray."""
+    if address is None or address in ("auto", "local"):
+        return
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        raise ValueError(f"malformed Ray address {address!r}: use HOST:PORT, ray://HOST:PORT or auto")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as e:
+        raise ValueError(f"cannot reach the Ray cluster at {address}: {e.strerror or e}") from None
 
 
 @dataclass(frozen=True)
@@ -103,6 +118,7 @@ class RayExecutor:
     def start(self) -> None:
         ray, o = self._ray, self.options
         if not ray.is_initialized():
+            check_reachable(o.address)
             try:
                 ray.init(address=o.address, include_dashboard=False, log_to_driver=False)
             except ConnectionError as e:

@@ -2,6 +2,7 @@
 
 import json
 import os
+import socket
 import sys
 
 import numpy as np
@@ -97,6 +98,20 @@ def test_workers_without_the_model_fail_before_any_tile(sd, executor, tmp_path):
 def test_options_are_checked():
     with pytest.raises(ValueError, match="workers must be >= 1"):
         RayExecutor(workers=0)
+
+
+def test_unreachable_or_malformed_address_is_one_line_at_once():
+    from attnmod.distributed import check_reachable
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(ValueError, match=f"cannot reach the Ray cluster at 127.0.0.1:{port}: "):
+        check_reachable(f"127.0.0.1:{port}")
+    with pytest.raises(ValueError, match="malformed Ray address"):
+        check_reachable("headnode")
+    check_reachable(None)
+    check_reachable("auto")
 
 
 @needs_ray
