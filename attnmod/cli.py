@@ -42,6 +42,14 @@ def _speed_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--vae-tiling", action="store_true", help="decode the VAE in overlapping tiles (less memory)")
 
 
+def _ray_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
+                   help="render the batches on a Ray cluster (ADDRESS, e.g. auto or ray://host:10001; "
+                        "alone: a local Ray on this machine); this process writes the output folder")
+    p.add_argument("--ray-workers", type=guards.positive_int, default=2,
+                   help="Ray workers, each holding the model once (one per GPU on a GPU cluster; default 2)")
+
+
 def _gen_args(p: argparse.ArgumentParser, many_prompts: bool = False, required: bool | None = None) -> None:
     _model_args(p)
     p.add_argument("--prompt", required=many_prompts if required is None else required,
@@ -90,11 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=guards.positive_int, default=8, help="images per pipeline call")
     p.add_argument("--tile-px", type=guards.positive_int, default=None, help="display size of a tile in the grid")
     p.add_argument("--out", required=True, help="output folder (re-running resumes)")
-    p.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
-                   help="render the batches on a Ray cluster (ADDRESS, e.g. auto or ray://host:10001; "
-                        "alone: a local Ray on this machine); this process writes the output folder")
-    p.add_argument("--ray-workers", type=guards.positive_int, default=2,
-                   help="Ray workers, each holding the model once (one per GPU on a GPU cluster; default 2)")
+    _ray_args(p)
 
     p = sub.add_parser("strategy", help="greedy multi-block AttnMod (paper Fig. 9): one block gains +1 per step")
     _gen_args(p)
@@ -112,6 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--blocks", default="all", help="which blocks to map (selector)")
     p.add_argument("--batch-size", type=guards.positive_int, default=8)
     p.add_argument("--out", required=True, help="output folder (re-running resumes)")
+    _ray_args(p)
 
     p = sub.add_parser("maps", help="cross-attention word maps, self-attention PCA and self-segmentation")
     _gen_args(p)
@@ -441,17 +446,32 @@ def _sweep_from_args(args):
                       encoder_weights=args.encoder_weights or (), x=args.x, y=args.y)
 
 
+def _check_ray(args) -> None:
+    """With ``--ray``: one-line errors (Ray not installed, address unreachable) before the model loads."""
+    if args.ray is not None:
+        from .distributed import check_reachable, require_ray
+
+        require_ray()
+        check_reachable(args.ray or None)
+
+
+def _ray_executor(args, base):
+    """A ``RayExecutor`` for ``--ray`` (one GPU per worker when this run is on CUDA), else None."""
+    if args.ray is None:
+        return None
+    from .distributed import RayExecutor
+
+    return RayExecutor(address=args.ray or None, workers=args.ray_workers,
+                       gpus_per_worker=1 if base.device.startswith("cuda") else 0)
+
+
 def cmd_scan(args) -> int:
     from .jobs import scan_title
     from .sweep import plan, run_scan
 
     guards.check_output_dir(args.out)
     sweep = _sweep_from_args(args)
-    if args.ray is not None:
-        from .distributed import check_reachable, require_ray
-
-        require_ray()  # one-line errors before the model loads
-        check_reachable(args.ray or None)
+    _check_ray(args)
     pipe = _load(args)
     if not args.block and not args.pair:
         from dataclasses import replace as dc_replace
@@ -467,12 +487,7 @@ def cmd_scan(args) -> int:
     print(f"scan: {len(tiles)} tiles ({unique} distinct images) x {base.steps} steps = "
           f"{unique * base.steps} denoising steps; x={x}, y={y}" + (f", sheets by {', '.join(sheets)}" if sheets else ""))
     title = scan_title(sweep, base)
-    executor = None
-    if args.ray is not None:
-        from .distributed import RayExecutor
-
-        executor = RayExecutor(address=args.ray or None, workers=args.ray_workers,
-                               gpus_per_worker=1 if base.device.startswith("cuda") else 0)
+    executor = _ray_executor(args, base)
     try:
         result = run_scan(pipe, sweep, base, out=args.out, batch_size=args.batch_size, progress=not args.quiet,
                           tile_px=args.tile_px, title=title, side_by_side=args.side_by_side or bool(args.pair),
@@ -517,12 +532,18 @@ def cmd_influence(args) -> int:
 
     setting = Schedule.parse(args.setting)
     guards.check_output_dir(args.out)
+    _check_ray(args)
     pipe = _load(args)
     base = _base_recipe(args, pipe, args.prompt, args.seed)
     blocks = resolve_blocks(pipe, args.blocks)
     guards.check_job_size(len(blocks) + 1, base.steps, base.width, base.height, args.yes)
-    result = block_influence(pipe, base, setting, blocks=args.blocks, out=args.out, batch_size=args.batch_size,
-                             progress=not args.quiet)
+    executor = _ray_executor(args, base)
+    try:
+        result = block_influence(pipe, base, setting, blocks=args.blocks, out=args.out, batch_size=args.batch_size,
+                                 progress=not args.quiet, executor=executor)
+    finally:
+        if executor is not None:
+            executor.close()
     top = ", ".join(f"{b} {s:.3f}" for b, s in result.ranking()[:5])
     print(f"wrote {args.out}/influence.png; most influential at {setting.to_text()}: {top}")
     return 0

@@ -50,6 +50,7 @@ class RayOptions:
     workers: int = 2  # actors, one per GPU (or CPU slot)
     gpus_per_worker: float = 0
     cpus_per_worker: float = 1
+    start_timeout: float = 120  # seconds for every worker to start (the cluster may lack the resources)
 
     def __post_init__(self):
         if self.workers < 1:
@@ -105,8 +106,8 @@ class RayExecutor:
     """Renders a scan's batches on ``workers`` Ray actors (see the module doc); ``close()`` ends them."""
 
     def __init__(self, address: str | None = None, workers: int = 2, gpus_per_worker: float = 0,
-                 cpus_per_worker: float = 1):
-        self.options = RayOptions(address, workers, gpus_per_worker, cpus_per_worker)
+                 cpus_per_worker: float = 1, start_timeout: float = 120):
+        self.options = RayOptions(address, workers, gpus_per_worker, cpus_per_worker, start_timeout)
         self._ray = require_ray()
         self._actors: list = []
 
@@ -130,7 +131,13 @@ class RayExecutor:
         self._actors = [actor.remote() for _ in range(o.workers)]
         from . import __version__
 
-        versions = self._get([a.hello.remote() for a in self._actors])
+        try:
+            versions = self._get([a.hello.remote() for a in self._actors], timeout=o.start_timeout)
+        except ray.exceptions.GetTimeoutError:
+            self.close()
+            raise ValueError(f"Ray could not start {o.workers} worker(s) with {o.cpus_per_worker:g} CPU(s) and "
+                             f"{o.gpus_per_worker:g} GPU(s) each within {o.start_timeout:g} s; the cluster has "
+                             f"{ray.available_resources()}") from None
         if any(v != __version__ for v in versions):
             self.close()
             raise ValueError(f"Ray workers run attnmod {', '.join(sorted(set(versions)))}, this driver {__version__}; "
@@ -172,10 +179,10 @@ class RayExecutor:
             feed(actor)  # keep the worker busy while the driver writes this batch
             yield got, images
 
-    def _get(self, refs):
+    def _get(self, refs, timeout: float | None = None):
         """``ray.get``, with a worker's ``ValueError`` raised here as itself (one line, no remote traceback)."""
         try:
-            return self._ray.get(refs)
+            return self._ray.get(refs, timeout=timeout)
         except self._ray.exceptions.RayTaskError as e:
             if isinstance(e.cause, ValueError):
                 raise ValueError(str(e.cause)) from None

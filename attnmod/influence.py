@@ -67,11 +67,13 @@ class InfluenceResult:
 
 
 def block_influence(pipe, base: Recipe, setting: Schedule = DEFAULT_SETTING, *, blocks: str = "all",
-                    out: str | Path | None = None, batch_size: int = 8, progress=True) -> InfluenceResult:
+                    out: str | Path | None = None, batch_size: int = 8, progress=True,
+                    executor=None) -> InfluenceResult:
     """Render ``setting`` at each block (one at a time) and the default image; score each block.
 
     With ``out``, the inputs are checked first, then ``out`` is locked for the whole run (the scan's
-    tiles and manifest, ``influence.png`` and ``influence.json``), as ``run_scan`` does."""
+    tiles and manifest, ``influence.png`` and ``influence.json``), as ``run_scan`` does; ``executor`` as there
+    (``attnmod.distributed.RayExecutor`` renders the tiles on Ray workers)."""
     if setting.is_neutral:
         raise ValueError("the influence map needs a setting that changes something (not 1:0)")
     shorts = [b.short for b in resolve_blocks(pipe, blocks)]
@@ -79,12 +81,13 @@ def block_influence(pipe, base: Recipe, setting: Schedule = DEFAULT_SETTING, *, 
     if out is not None:
         check_scan(pipe, sweep, base, batch_size)  # before the lock makes the folder
     with folder_lock(out) if out is not None else nullcontext():
-        return _influence(pipe, sweep, base, setting, Path(out) if out is not None else None, batch_size, progress)
+        return _influence(pipe, sweep, base, setting, Path(out) if out is not None else None, batch_size, progress,
+                          executor)
 
 
 def _influence(pipe, sweep: Sweep, base: Recipe, setting: Schedule, out: Path | None, batch_size: int,
-               progress) -> InfluenceResult:
-    scan = run_scan(pipe, sweep, base, out=out, batch_size=batch_size, progress=progress)
+               progress, executor=None) -> InfluenceResult:
+    scan = run_scan(pipe, sweep, base, out=out, batch_size=batch_size, progress=progress, executor=executor)
     default = next(t for t in scan.tiles if not t.recipe.mods)
     scores = {}
     for t in scan.tiles:

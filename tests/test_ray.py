@@ -95,6 +95,14 @@ def test_workers_without_the_model_fail_before_any_tile(sd, executor, tmp_path):
 
 
 @needs_ray
+def test_workers_the_cluster_cannot_place_are_one_line_not_a_hang(executor):
+    ex = RayExecutor(workers=1, cpus_per_worker=64, start_timeout=2)
+    with pytest.raises(ValueError, match=r"Ray could not start 1 worker\(s\) with 64 CPU\(s\) and 0 GPU\(s\) each within 2 s"):
+        ex.start()
+    assert ex.actors == ()
+
+
+@needs_ray
 def test_options_are_checked():
     with pytest.raises(ValueError, match="workers must be >= 1"):
         RayExecutor(workers=0)
@@ -153,3 +161,16 @@ def test_workers_with_another_attnmod_version_are_refused(executor, monkeypatch)
     with pytest.raises(ValueError, match=re.escape(f"Ray workers run attnmod {workers}, this driver 0.0.0-driver")):
         ex.start()
     assert ex.actors == ()
+
+
+@needs_ray
+def test_influence_map_on_ray_equals_local(executor, tmp_path, capsys):  # after the kill: a free slot
+    args = ["influence", "--model", "tiny", "--prompt", "a red cat", "--blocks", "U1*", "--setting", "-5:0.2",
+            "--steps", "2", "--size", "32x32", "--batch-size", "3", "--quiet"]
+    assert main([*args, "--out", str(tmp_path / "local")]) == 0
+    assert main([*args, "--out", str(tmp_path / "ray"), "--ray", "--ray-workers", "1"]) == 0
+    capsys.readouterr()
+    for name in ("influence.json", "manifest.json"):
+        assert json.loads((tmp_path / "ray" / name).read_text()) == json.loads((tmp_path / "local" / name).read_text())
+    here, there = _pixels(tmp_path / "local"), _pixels(tmp_path / "ray")
+    assert len(here) > 2 and here.keys() == there.keys() and all(np.array_equal(here[k], there[k]) for k in here)
