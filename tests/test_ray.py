@@ -7,6 +7,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from attnmod import Recipe, Sweep, run_scan
@@ -42,6 +43,16 @@ def executor():
     ex.close()
     ray.shutdown()
 
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The local runs compared with Ray's use one thread, as the Ray workers (one CPU each): byte-identical tiles
+    need the same thread count (the matrix products' blocking depends on it)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 def _pixels(folder):
     return {p.name: np.asarray(Image.open(p)) for p in sorted((folder / "tiles").glob("*.png"))}
