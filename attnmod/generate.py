@@ -62,7 +62,7 @@ def finite(images: np.ndarray) -> np.ndarray:
 def generate(pipe, recipe: Recipe) -> np.ndarray:
     """One image (H, W, 3) for ``recipe``; raises ``NonFiniteImageError`` instead of a black image."""
     image = render(pipe, [recipe])[0]
-    if not np.isfinite(image).all():
+    if not finite(image[None])[0]:
         raise NonFiniteImageError(f"the image came out non-finite (NaN/inf) for {describe(recipe)}")
     return image
 

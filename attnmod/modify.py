@@ -15,11 +15,26 @@ when the scheduler's ``timesteps`` tensor is a new object (every pipeline call r
 On a UNet compiled by ``speed.compile_unet`` AttnMod adds no scale hooks: it writes each step's multipliers in
 place into the UNet's ``speed.ScaleSlots`` (read by the compiled graph as tensors, so nothing recompiles) and
 sets them back to ones on exit. A UNet compiled any other way is refused (it would ignore new hooks).
+
+**fp16 overflow: the fp32 redo.** A large multiplier can push a half-precision UNet past fp16's largest value
+(65504): the residual stream after the scaled block, then the UNet output, become inf/NaN
+(``benchmarks/fp16_overflow.py`` measures where, per block). An fp32 output projection alone cannot save that, since
+the fp16 residual stream cannot hold the result. So when a float16 UNet call in which some block is modified
+(multiplier != 1 at that step) returns non-finite rows, AttnMod runs that same call again in fp32 — the UNet's own
+fp16 weights cast up for the call and the very same tensors put back after (bit-exact), inputs cast up, the
+redo invisible to step clocks (``steps.EXTRA_CALL``) — and replaces only the non-finite rows with the fp32 result
+cast back to fp16. Finite calls keep the stock fp16 path untouched, fp32/bf16 UNets never check, and each redo is
+recorded in ``AttnMod.overflows``. Cost: one fp32 UNet call per overflowing step (and the fp32 copy of the weights
+while it runs). On by default; ``fp32_fallback(False)`` (a context manager) or ``AttnMod(...,
+fp32_fallback=False)`` turns it off. Not on a UNet compiled by ``speed.compile_unet`` (no hooks there). Rows still
+non-finite after the redo stay non-finite: the caller's per-image check (``generate.finite``) reports them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import itertools
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from contextvars import ContextVar
 
 import numpy as np
@@ -28,11 +43,20 @@ import torch
 from . import dit, speed
 from .blocks import Block, list_blocks, resolve_blocks
 from .schedule import Schedule, as_schedule
+from .steps import EXTRA_CALL as _EXTRA_CALL
 from .steps import LoopClock
 
-# True while an on_step callback makes extra UNet calls (e.g. evaluating candidates): no AttnMod
-# counts those as loop steps.
-_EXTRA_CALL: ContextVar[bool] = ContextVar("attnmod_extra_unet_call", default=False)
+_FP32_FALLBACK: ContextVar[bool] = ContextVar("attnmod_fp32_fallback", default=True)
+
+
+@contextmanager
+def fp32_fallback(enabled: bool = True) -> Iterator[None]:
+    """Turn AttnMod's fp16-overflow redo in fp32 on or off (on by default) for UNet calls made inside."""
+    token = _FP32_FALLBACK.set(bool(enabled))
+    try:
+        yield
+    finally:
+        _FP32_FALLBACK.reset(token)
 
 Mods = Mapping[str, object]  # block selector -> Schedule | number | (start, rate[, accel]) | "text"
 
@@ -64,7 +88,8 @@ class AttnMod:
     is a multiple of the number of images and each image's multiplier is applied to all its copies.
     """
 
-    def __init__(self, target, mods: Mods | Sequence[Mods], *, auto_step: bool = True, on_step=None):
+    def __init__(self, target, mods: Mods | Sequence[Mods], *, auto_step: bool = True, on_step=None,
+                 fp32_fallback: bool | None = None):
         self.unet = dit.denoiser(target)  # a UNet, or an SD3 / FLUX transformer (``dit``)
         if speed.is_compiled(self.unet) and speed.scale_slots(self.unet) is None:
             if dit.is_dit(self.unet):
@@ -90,6 +115,8 @@ class AttnMod:
         self._neutral: dict[str, np.ndarray] = {}  # name -> (steps,) bool: every image at 1.0
         self._current: dict[str, torch.Tensor | None] = {}  # name -> (B, 1, 1) for this step
         self._slots = None  # speed.ScaleSlots of a compiled UNet while installed
+        self.fp32_fallback = fp32_fallback  # None: as ``fp32_fallback()`` says (on by default)
+        self.overflows: list[dict] = []  # fp16 calls redone in fp32: {"step", "rows", "rescued"}
         self.reset()
 
     # -- schedules ---------------------------------------------------------------------------------
@@ -201,6 +228,28 @@ class AttnMod:
 
         return hook
 
+    # -- fp16 overflow: redo the call in fp32 --------------------------------------------------------
+    @torch.compiler.disable
+    def _after_unet_call(self, module, args, kwargs, output):
+        if _EXTRA_CALL.get() or not (_FP32_FALLBACK.get() if self.fp32_fallback is None else self.fp32_fallback):
+            return None
+        sample = output[0] if isinstance(output, tuple) else output.sample
+        if sample.dtype != torch.float16 or all(m is None for m in self._current.values()):
+            return None  # fp32 / bf16, or nothing modified at this step: the stock path, unchecked
+        bad = ~torch.isfinite(sample).flatten(1).all(1)  # (B,)
+        if not bad.any():
+            return None
+        redo = run_in_fp32(module, args, kwargs)
+        redo = redo[0] if isinstance(redo, tuple) else redo.sample
+        fixed = torch.where(bad.view(-1, *[1] * (sample.ndim - 1)), redo.to(sample.dtype), sample)
+        rows = bad.nonzero().flatten()
+        self.overflows.append({"step": self.step, "rows": rows.tolist(),
+                               "rescued": bool(torch.isfinite(fixed[rows]).all())})
+        if isinstance(output, tuple):
+            return (fixed, *output[1:])
+        output.sample = fixed
+        return output
+
     def _getter(self, name: str):
         return lambda: self._current.get(name)
 
@@ -219,6 +268,7 @@ class AttnMod:
             return self
         try:
             self._handles.append(self.unet.register_forward_pre_hook(self._on_unet_call, with_kwargs=True))
+            self._handles.append(self.unet.register_forward_hook(self._after_unet_call, with_kwargs=True))
             for block in self.blocks:
                 if self._is_dit:
                     self._handles += dit.scale_hooks(self.unet, block.name, self._getter(block.name),
@@ -243,6 +293,33 @@ class AttnMod:
             self._slots = None
 
 
+def run_in_fp32(module, args, kwargs):
+    """``module(*args, **kwargs)`` computed in fp32, as an extra call of the step: half-precision parameters and
+    buffers cast up for the call (the original tensors are put back after, so nothing changes bit for bit), and
+    floating inputs (nested in dicts, lists and tuples too) cast up."""
+    def up(value):
+        if isinstance(value, torch.Tensor):
+            return value.float() if value.dtype in (torch.float16, torch.bfloat16) else value
+        if isinstance(value, dict):
+            return {k: up(v) for k, v in value.items()}
+        if isinstance(value, list | tuple):
+            return type(value)(up(v) for v in value)
+        return value
+
+    tensors = [t for t in itertools.chain(module.parameters(), module.buffers())
+               if t.dtype in (torch.float16, torch.bfloat16)]
+    originals = [t.data for t in tensors]
+    token = _EXTRA_CALL.set(True)
+    try:
+        for t, data in zip(tensors, originals, strict=True):
+            t.data = data.float()
+        return module(*up(args), **up(kwargs))
+    finally:
+        for t, data in zip(tensors, originals, strict=True):
+            t.data = data
+        _EXTRA_CALL.reset(token)
+
+
 def denoiser_input(args, kwargs) -> torch.Tensor:
     """The latent input of a UNet (``sample``) or DiT transformer (``hidden_states``) call."""
     if args:
@@ -255,6 +332,7 @@ def is_extra_call() -> bool:
     return _EXTRA_CALL.get()
 
 
-def modify(target, mods: Mods | Sequence[Mods], *, auto_step: bool = True, on_step=None) -> AttnMod:
+def modify(target, mods: Mods | Sequence[Mods], *, auto_step: bool = True, on_step=None,
+           fp32_fallback: bool | None = None) -> AttnMod:
     """``with attnmod.modify(pipe, {"U1A1A2": Schedule(start=-5, rate=0.2)}): pipe(prompt)``."""
-    return AttnMod(target, mods, auto_step=auto_step, on_step=on_step)
+    return AttnMod(target, mods, auto_step=auto_step, on_step=on_step, fp32_fallback=fp32_fallback)

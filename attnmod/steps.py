@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+from contextvars import ContextVar
+
+# True while a UNet call is made inside a step rather than by the sampling loop (a strategy's candidates, an fp16
+# overflow redone in fp32): no clock counts it as a step.
+EXTRA_CALL: ContextVar[bool] = ContextVar("attnmod_extra_unet_call", default=False)
+
 
 class LoopClock:
     """Counts the UNet calls of a sampling loop; ``tick()`` once per call, from a UNet pre-forward hook.
@@ -24,7 +30,11 @@ class LoopClock:
         self._timesteps = None
 
     def tick(self) -> bool:
-        """Advance to the next UNet call; True when it starts a new loop (then ``step`` is 0)."""
+        """Advance to the next UNet call; True when it starts a new loop (then ``step`` is 0).
+
+        A call made inside a step (``EXTRA_CALL`` set) keeps the step and returns False."""
+        if EXTRA_CALL.get():
+            return False
         scheduler = getattr(self.owner, "scheduler", None)
         timesteps = getattr(scheduler, "timesteps", None)
         if timesteps is not None and timesteps is not self._timesteps:
