@@ -34,6 +34,12 @@
    interleaved; the compile warm-up of each; the number of compiled graphs after the warm-up and after the timed
    rounds (equal: no recompilation per step or setting). Skipped by --quick (inductor's warm-up alone takes
    minutes on a small CPU); run it with --only 8.
+9. precision x compile: on the embedded model, for fp32, bf16 and fp16 (fp16 runs on CPU, through slow fallback
+   kernels: eager only there), eager vs compiled seconds per image of plain generation and of one scan batch (8
+   images, batched CFG), each stock and with AttnMod (every block modified in generation; 8 different settings of
+   U1A1A2 in the batch), hook overhead (AttnMod over stock) in each — side by side, interleaved; then peak GPU memory of
+   plain generation with and without ``offload="model"`` (CUDA only: "no GPU" otherwise). ``--quick``: eager rows
+   only, 4 steps, 1 round, and on CPU no fp16.
 """
 
 from __future__ import annotations
@@ -417,6 +423,61 @@ def compile_cost(model: str, device, dtype, steps: int, rounds: int) -> dict:
             "graphs_after_warmup": warm_graphs, "graphs_after_rounds": graphs() - before}
 
 
+def precision_cost(model: str, device, dtypes, steps: int, rounds: int, compiled: bool) -> dict:
+    """Section 9: seconds per image, eager (and compiled) x stock / AttnMod x generation / scan batch, per dtype."""
+    from attnmod.generate import render
+
+    out = {}
+    for dtype in dtypes:
+        name = str(dtype).removeprefix("torch.")
+        pipes = {"eager": load_pipeline(model, device=device, dtype=dtype)}
+        if compiled and not (dtype == torch.float16 and device == "cpu"):
+            pipes["compiled"] = load_pipeline(model, device=device, dtype=dtype, compile="default")
+        side = pipes["eager"].unet.config.sample_size * pipes["eager"].vae_scale_factor
+        prompt = ("a large red circle in the center, on a plain white background, flat style" if model == "toy"
+                  else "a red cat")
+        recipe = Recipe(prompt, steps=steps, width=side, height=side, guidance=3.0, model=model)
+        every = {b.name: Schedule(-5, 0.2) for b in list_blocks(pipes["eager"].unet)}
+        batch_stock = [recipe] * 8
+        batch_mod = [recipe.with_mods({"U1A1A2": Schedule(s, 0.1)}) for s in (-20, -10, -5, 2, 5, 10, 20, 40)]
+
+        def job(pipe, recipes):
+            return lambda: render(pipe, recipes)
+
+        conditions, warm = {}, {}
+        for kind, pipe in pipes.items():
+            conditions[f"{kind} generation stock"] = job(pipe, [recipe])
+            conditions[f"{kind} generation AttnMod"] = job(pipe, [recipe.with_mods(every)])
+            conditions[f"{kind} scan batch stock"] = job(pipe, batch_stock)
+            conditions[f"{kind} scan batch AttnMod"] = job(pipe, batch_mod)
+            if kind == "compiled":  # the warm-up of each compiled condition (batch sizes 2 and 16 compile once each)
+                warm = {c: timed(conditions[c], device) for c in conditions if c.startswith("compiled")}
+        med = interleaved(conditions, rounds, device)
+        per_image = {c: t / (8 if "scan batch" in c else 1) for c, t in med.items()}
+        out[name] = {"side": side, "steps": steps, "seconds_per_image": per_image, "compile_warmup_s": warm}
+        del pipes
+    return out
+
+
+def offload_memory(model: str, device) -> dict | str:
+    """Peak GPU memory of one plain generation with and without ``offload="model"`` (CUDA only)."""
+    if not device.startswith("cuda"):
+        return "no GPU"
+    from attnmod.generate import render
+
+    peaks = {}
+    for offload in (None, "model"):
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        pipe = load_pipeline(model, device=device, dtype=torch.float16, offload=offload)
+        side = pipe.unet.config.sample_size * pipe.vae_scale_factor
+        render(pipe, [Recipe("a red cat", steps=4, width=side, height=side, guidance=3.0, model=model)])
+        torch.cuda.synchronize()
+        peaks[offload or "none"] = torch.cuda.max_memory_allocated()
+        del pipe
+    return peaks
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="small sizes; < 2 min on 2 CPU cores")
@@ -427,9 +488,9 @@ def main(argv=None) -> int:
     ap.add_argument("--only", help="run only these sections, e.g. 6 or 1,4 (default: all)")
     args = ap.parse_args(argv)
     try:
-        only = {int(n) for n in args.only.split(",")} if args.only else set(range(1, 9)) - ({8} if args.quick else set())
+        only = {int(n) for n in args.only.split(",")} if args.only else set(range(1, 10)) - ({8} if args.quick else set())
     except ValueError:
-        ap.error(f"--only takes section numbers 1-8 separated by commas, got {args.only!r}")
+        ap.error(f"--only takes section numbers 1-9 separated by commas, got {args.only!r}")
     device = args.device
     dtype = torch.float16 if device.startswith("cuda") else torch.float32
     quick = args.quick
@@ -555,6 +616,38 @@ def main(argv=None) -> int:
               f"{cost['graphs_after_warmup']} after the warm-up, {cost['graphs_after_rounds']} after the timed rounds")
     elif quick and not args.only:
         print("\n## 8. torch.compile: skipped with --quick (inductor's warm-up takes minutes on CPU; --only 8)")
+
+    if 9 in only:
+        # fp16 on CPU runs through slow fallback kernels (x13-x21 fp32's time): not in --quick
+        dtypes = (torch.float32, torch.bfloat16) + (() if quick and device == "cpu" else (torch.float16,))
+        cost = results["precision"] = precision_cost(toy, device, dtypes, steps=4 if quick else 20,
+                                                     rounds=1 if quick else 3, compiled=not quick)
+        any_row = next(iter(cost.values()))
+        print(f"\n## 9. precision x compile on '{toy}' at {any_row['side']}x{any_row['side']}, {any_row['steps']} steps, "
+              f"seconds per image (scan batch: 8 images in one call){' - eager only with --quick' if quick else ''}")
+        print(f"  {'dtype':<9} {'':<11} {'stock':>8} {'AttnMod':>8} {'overhead':>8}   {'compiled stock':>14} "
+              f"{'AttnMod':>8} {'overhead':>8}   {'compile speed-up':>16}")
+        ref = cost["float32"]["seconds_per_image"]
+        for name, row in cost.items():
+            sec = row["seconds_per_image"]
+            for what in ("generation", "scan batch"):
+                e, em = sec[f"eager {what} stock"], sec[f"eager {what} AttnMod"]
+                line = f"  {name:<9} {what:<11} {e:8.3f} {em:8.3f}   x{em / e:.3f}"
+                if f"compiled {what} stock" in sec:
+                    c, cm = sec[f"compiled {what} stock"], sec[f"compiled {what} AttnMod"]
+                    line += f"   {c:14.3f} {cm:8.3f}   x{cm / c:.3f}   x{e / c:.2f} / x{em / cm:.2f}"
+                else:
+                    line += f"   {'(not compiled)':>14}"
+                print(line + f"   [eager stock vs fp32 x{e / ref[f'eager {what} stock']:.2f}]")
+            if row["compile_warmup_s"]:
+                print(f"  {name:<9} compile warm-ups: " + ", ".join(
+                    f"{c.removeprefix('compiled ')} {t:.1f} s" for c, t in row["compile_warmup_s"].items()))
+        mem = results["offload_memory"] = offload_memory(toy, device)
+        if isinstance(mem, str):
+            print(f"  peak memory with / without --offload model: {mem} (CUDA only)")
+        else:
+            print(f"  peak GPU memory, one image: no offload {mem['none'] / 2**20:.1f} MiB, offload model "
+                  f"{mem['model'] / 2**20:.1f} MiB   x{mem['model'] / mem['none']:.2f}")
 
     if 7 in only:
         return dit_section(results, device, dtype, quick, args)
