@@ -39,7 +39,7 @@
    images, batched CFG), each stock and with AttnMod (every block modified in generation; 8 different settings of
    U1A1A2 in the batch), hook overhead (AttnMod over stock) in each — side by side, interleaved; then peak GPU memory of
    plain generation with and without ``offload="model"`` (CUDA only: "no GPU" otherwise). ``--quick``: eager rows
-   only, 4 steps, 1 round, and on CPU no fp16.
+   only, 4 steps, 1 round, and on CPU no fp16. Full run: 10 steps, 3 interleaved rounds (fp16 on CPU: 1).
 """
 
 from __future__ import annotations
@@ -452,7 +452,7 @@ def precision_cost(model: str, device, dtypes, steps: int, rounds: int, compiled
             conditions[f"{kind} scan batch AttnMod"] = job(pipe, batch_mod)
             if kind == "compiled":  # the warm-up of each compiled condition (batch sizes 2 and 16 compile once each)
                 warm = {c: timed(conditions[c], device) for c in conditions if c.startswith("compiled")}
-        med = interleaved(conditions, rounds, device)
+        med = interleaved(conditions, 1 if dtype == torch.float16 and device == "cpu" else rounds, device)
         per_image = {c: t / (8 if "scan batch" in c else 1) for c, t in med.items()}
         out[name] = {"side": side, "steps": steps, "seconds_per_image": per_image, "compile_warmup_s": warm}
         del pipes
@@ -620,7 +620,7 @@ def main(argv=None) -> int:
     if 9 in only:
         # fp16 on CPU runs through slow fallback kernels (x13-x21 fp32's time): not in --quick
         dtypes = (torch.float32, torch.bfloat16) + (() if quick and device == "cpu" else (torch.float16,))
-        cost = results["precision"] = precision_cost(toy, device, dtypes, steps=4 if quick else 20,
+        cost = results["precision"] = precision_cost(toy, device, dtypes, steps=4 if quick else 10,
                                                      rounds=1 if quick else 3, compiled=not quick)
         any_row = next(iter(cost.values()))
         print(f"\n## 9. precision x compile on '{toy}' at {any_row['side']}x{any_row['side']}, {any_row['steps']} steps, "
