@@ -29,6 +29,33 @@ def test_vae_tiling_is_exact_where_one_tile_covers_the_image_and_really_tiles_la
     assert np.abs(tiled64 - stock64).max() > 0  # 64x64: four blended tiles (random VAE: seams differ)
 
 
+def test_attnmod_maps_and_style_aligned_give_the_same_results_with_vae_tiling():
+    """Where one tile covers the image (the tiny VAE's tiles are 32 px) tiling is exact for every attention tool."""
+    from attnmod import modify
+    from attnmod.maps import trace
+    from attnmod.methods.style_aligned import style_aligned
+
+    def tools(pipe):
+        with modify(pipe, {"U1A1A2": (-5, 0.2), "M0A0A1": 3.0}):
+            mod = run(pipe, steps=2)
+        with trace(pipe) as tc:
+            traced = run(pipe, steps=2)
+        maps = tc.result("a red cat")
+        with style_aligned(pipe, images=3):
+            styled = run(pipe, prompt=["a red cat", "a blue dog", "a green star"], steps=2)
+        return mod, traced, maps, styled
+
+    pipe = load_pipeline("tiny", device="cpu")
+    pipe.set_progress_bar_config(disable=True)
+    plain = tools(pipe)
+    pipe.vae.enable_tiling()
+    tiled = tools(pipe)
+    for a, b in ((plain[0], tiled[0]), (plain[1], tiled[1]), (plain[3], tiled[3])):
+        assert np.array_equal(a, b)
+    assert torch.equal(plain[2].cross, tiled[2].cross) and torch.equal(plain[2].self_maps, tiled[2].self_maps)
+    assert not np.array_equal(plain[0], plain[1])  # AttnMod really changed the image
+
+
 def test_cli_passes_the_flags_to_the_loader(monkeypatch, capsys):
     seen = {}
 
