@@ -7,7 +7,7 @@
 from .blocks import Block, list_blocks, resolve_blocks
 from .generate import NonFiniteImageError, generate, render
 from .loading import ModelLoadError, load_pipeline
-from .modify import AttnMod, modify
+from .modify import AttnMod, fp32_fallback, modify
 from .recipe import Recipe
 from .schedule import Schedule
 from .sweep import ScanResult, Sweep, run_scan
@@ -33,5 +33,5 @@ def scan(pipe, prompt, *, blocks=("U1A1A2",), starts=(1.0,), rates=(0.0,), seeds
 
 
 __all__ = ["AttnMod", "Block", "ModelLoadError", "NonFiniteImageError", "Recipe", "ScanResult", "Schedule",
-           "Sweep", "generate", "list_blocks", "load_pipeline", "modify", "render", "resolve_blocks", "run_scan",
+           "Sweep", "fp32_fallback", "generate", "list_blocks", "load_pipeline", "modify", "render", "resolve_blocks", "run_scan",
            "scan", "__version__"]
