@@ -9,7 +9,8 @@ largest |activation| anywhere in one UNet call (every leaf module's inputs and o
 scaled block's output, the UNet output) reaches 65504, by a few Newton steps on the measured maxima (the maxima
 grow about linearly with |m| once the scaled block dominates): one batched UNet call per step, one row per
 (block, sign), measured in ``--dtype`` (fp32; bf16 has fp32's range and halves the memory of SDXL). It also gives
-the multiplier at which the scaled block's *own* output (``to_out``) passes 65504. Then it checks the prediction in
+the multipliers at which the scaled product ``m * attention`` (``to_out``'s input) and the scaled block's *own*
+output (``to_out``'s output) pass 65504: where neither is the threshold, the overflow starts downstream. Then it checks the prediction in
 real fp16 (the ``--check N`` pairs with the lowest thresholds; -1: all): at 0.9x and 1.1x
 the predicted threshold, is the fp16 UNet output (and the block's output) finite? (A threshold above 65504 cannot
 be reached in fp16: the multiplier itself is inf there; such a block is checked at 65504 instead of 0.9x.)
@@ -112,15 +113,17 @@ class Maxima:
 
 
 def block_outputs(unet, pairs, rows: int):
-    """Record each row's own block's ``to_out`` output max (row i scales block ``pairs[i][0]``)."""
-    out = torch.zeros(rows)
+    """Each row's own block's largest |``to_out`` input| (the scaled product m * attention) and |output|
+    (row i scales block ``pairs[i][0]``): tensors (2, rows) filled as the UNet runs."""
+    out = torch.zeros(2, rows)
     handles = []
     for name in {n for n, _ in pairs}:
         idx = torch.tensor([i for i, (n, _) in enumerate(pairs) if n == name])
 
         def hook(module, args, output, idx=idx):
-            a = output.detach().abs().float().reshape(output.shape[0], -1)[idx].amax(1)
-            out[idx] = torch.maximum(out[idx], torch.nan_to_num(a, nan=float("inf")))
+            for k, x in enumerate((args[0], output)):
+                a = x.detach().abs().float().reshape(x.shape[0], -1)[idx].amax(1)
+                out[k, idx] = torch.maximum(out[k, idx], torch.nan_to_num(a, nan=float("inf")))
         handles.append(unet.get_submodule(name).to_out[0].register_forward_hook(hook))
     return out, handles
 
@@ -147,7 +150,7 @@ def run_rows(unet, inputs, pairs, multipliers, dtype, chunk: int):
         anys.append(maxima.any)
         blocks.append(bout)
         finite.append(torch.isfinite(y.float()).reshape(rows, -1).all(1))
-    return torch.cat(anys), torch.cat(blocks), torch.cat(finite)
+    return torch.cat(anys), torch.cat(blocks, dim=1), torch.cat(finite)
 
 
 def main(argv=None) -> int:
@@ -182,13 +185,13 @@ def main(argv=None) -> int:
             break
         # the block's own output is linear in m and one of the activations: its 65504-crossing bounds the answer
         # from above; below it, a Newton step on the (nearly linear) largest activation
-        upper = m.abs() * FP16_MAX / bouts
+        upper = m.abs() * FP16_MAX / bouts[1]
         m = torch.sign(m) * torch.minimum(m.abs() * ratio.clamp(min=1 / 16), upper).clamp(max=1e7)
-    block_thr = (m.abs() * FP16_MAX / bouts).tolist()
+    product_thr, block_thr = (m.abs() * FP16_MAX / bouts).tolist()  # both linear in m
     residual = (anys / FP16_MAX).tolist()
     rows = [{"block": short[n], "name": n, "sign": s, "threshold": abs(float(mi)), "at_threshold_max_over_65504": r,
-             "block_output_threshold": bt}
-            for (n, s), mi, r, bt in zip(pairs, m.tolist(), residual, block_thr, strict=True)]
+             "product_threshold": pt, "block_output_threshold": bt}
+            for (n, s), mi, r, pt, bt in zip(pairs, m.tolist(), residual, product_thr, block_thr, strict=True)]
     order = sorted(range(len(rows)), key=lambda i: rows[i]["threshold"])
 
     n_check = len(rows) if args.check < 0 else min(args.check, len(rows))
@@ -203,19 +206,20 @@ def main(argv=None) -> int:
         for k, i in enumerate(chosen):
             rows[i]["fp16_finite_at_0.9"] = bool(finite16[k])
             rows[i]["fp16_finite_at_1.1"] = bool(finite16[k + n_check])
-            rows[i]["fp16_block_output_finite_at_1.1"] = bool(torch.isfinite(bouts16[k + n_check]))
+            rows[i]["fp16_block_output_finite_at_1.1"] = bool(torch.isfinite(bouts16[1, k + n_check]))
         print(f"  fp16 check of the {n_check} lowest: finite at 0.9x threshold "
               f"{sum(rows[i]['fp16_finite_at_0.9'] for i in chosen)}/{n_check}, non-finite at 1.1x "
               f"{sum(not rows[i]['fp16_finite_at_1.1'] for i in chosen)}/{n_check}  "
               f"({time.perf_counter() - t0:.0f} s)", flush=True)
 
-    print(f"\n  {'block':<10} {'sign':>4} {'threshold':>10} {'own output':>11} {'fp16 0.9x / 1.1x':>17}")
+    print(f"\n  {'block':<10} {'sign':>4} {'threshold':>10} {'m*attention':>12} {'own output':>11} "
+          f"{'fp16 0.9x / 1.1x':>17}   (multipliers where each passes 65504; 0.9x: at most 65504)")
     for i in order[: max(12, n_check)]:
         r = rows[i]
         check = (f"{'finite' if r['fp16_finite_at_0.9'] else 'NaN/inf'} / "
                  f"{'finite' if r['fp16_finite_at_1.1'] else 'NaN/inf'}") if "fp16_finite_at_0.9" in r else ""
         print(f"  {r['block']:<10} {'+' if r['sign'] > 0 else '-':>4} {r['threshold']:10.1f} "
-              f"{r['block_output_threshold']:11.1f} {check:>17}")
+              f"{r['product_threshold']:12.1f} {r['block_output_threshold']:11.1f} {check:>17}")
     for kind in ("A1", "A2"):
         for sign in (1, -1):
             sel = [r for r in rows if r["block"].endswith(kind) and r["sign"] == sign]
@@ -224,6 +228,9 @@ def main(argv=None) -> int:
                   f"{low['threshold']:.1f} at {low['block']}, median {sorted(r['threshold'] for r in sel)[len(sel) // 2]:.1f}"
                   f", below 50: {sum(r['threshold'] < 50 for r in sel)}/{len(sel)}, below 20: "
                   f"{sum(r['threshold'] < 20 for r in sel)}/{len(sel)}")
+    first = sum(abs(r["product_threshold"] / r["threshold"] - 1) < 0.02 for r in rows)
+    print(f"  the threshold is where the scaled product m*attention (to_out's input) passes 65504 for {first}/{len(rows)}"
+          f" (block, sign) pairs; for the others a value downstream (the residual stream, later layers) passes first")
     if args.json:
         Path(args.json).write_text(json.dumps({"arch": args.arch, "side": side, "search_dtype": args.dtype,
                                                "machine": machine, "stock_max": float(base_any[0]), "rows": rows},
