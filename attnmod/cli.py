@@ -101,13 +101,15 @@ def build_parser() -> argparse.ArgumentParser:
     _ray_args(p)
 
     p = sub.add_parser("strategy", help="greedy multi-block AttnMod (paper Fig. 9): one block gains +1 per step")
-    _gen_args(p)
-    p.add_argument("--seed", type=guards.seed, default=0)
+    _gen_args(p, many_prompts=True)
+    p.add_argument("--seed", default="0", help="0, or several (0,1,2 or 0:9:10): one strategy per prompt and seed")
     p.add_argument("--blocks", default="all", help="candidate blocks (selector), all starting at 0")
     p.add_argument("--picker", default="most", help="most (influential) or least")
     p.add_argument("--candidate-batch", type=guards.positive_int, default=None,
                    help="candidates per UNet call (default all)")
-    p.add_argument("--out", required=True, help="output PNG (its recipe remakes it without the search)")
+    p.add_argument("--out", required=True, help="output PNG (its recipe remakes it without the search); with "
+                                                "several prompts or seeds, a folder (re-running resumes)")
+    _ray_args(p)
 
     p = sub.add_parser("influence", help="every block's tile at one setting vs the default, scored")
     _gen_args(p)
@@ -508,17 +510,38 @@ def cmd_scan(args) -> int:
 
 
 def cmd_strategy(args) -> int:
+    from dataclasses import replace as dc_replace
+
     from .blocks import list_blocks
     from .recipe import save_png
-    from .strategy import get_picker, run_strategy
+    from .strategy import get_picker, run_strategies, strategy_file
+    from .sweep import parse_values
 
     get_picker(args.picker)  # fail before loading anything
-    guards.check_output_file(args.out)
+    seeds = guards.seeds(parse_values(args.seed))
+    many = len(args.prompt) * len(seeds) > 1
+    (guards.check_output_dir if many else guards.check_output_file)(args.out)
+    _check_ray(args)
     pipe = _load(args)
-    base = _base_recipe(args, pipe, args.prompt, args.seed)
-    guards.check_job_size(1, base.steps, base.width, base.height, args.yes)
+    first = _base_recipe(args, pipe, args.prompt[0], seeds[0])
+    bases = [dc_replace(first, prompt=prompt, seed=seed) for prompt in args.prompt for seed in seeds]
+    guards.check_job_size(len(bases), first.steps, first.width, first.height, args.yes)
     short = {b.name: b.short for b in list_blocks(pipe)}
-    result = run_strategy(pipe, base, blocks=args.blocks, picker=args.picker, candidate_batch=args.candidate_batch)
+    executor = _ray_executor(args, first)
+    progress = None if args.quiet or not many else (
+        lambda done, total: print(f"strategy {done}/{total}", file=sys.stderr))
+    try:
+        if many:
+            run_strategies(pipe, bases, blocks=args.blocks, picker=args.picker, candidate_batch=args.candidate_batch,
+                           out=args.out, executor=executor, progress=progress)
+            print(f"wrote {len(bases)} strategies to {args.out}/ ({strategy_file(0, bases[0])}, ...; "
+                  "strategies.json lists each one's prompt, seed and block order)")
+            return 0
+        [result] = run_strategies(pipe, bases, blocks=args.blocks, picker=args.picker,
+                                  candidate_batch=args.candidate_batch, executor=executor)
+    finally:
+        if executor is not None:
+            executor.close()
     path = save_png(result.image, args.out, result.recipe, short)
     order = " ".join(short.get(n, "-") if n else "-" for n in result.order)
     print(f"wrote {path}\nblock gaining +1 at each step: {order}")

@@ -317,10 +317,12 @@ def _scan(pipe, result: ScanResult, base: Recipe, out: Path | None, batch_size: 
 class LocalExecutor:
     """Renders a scan's batches one after another on the scan's own pipeline (the default)."""
 
-    def map(self, pipe, batches: Sequence[Sequence[Recipe]]) -> Iterator[tuple[int, np.ndarray]]:
-        """``(batch index, images)`` for every batch, as each finishes (here: in order)."""
+    def map(self, pipe, batches: Sequence[Sequence[Recipe]],
+            work: Callable | None = None) -> Iterator[tuple[int, np.ndarray]]:
+        """``(batch index, images)`` for every batch, as each finishes (here: in order); with ``work``,
+        ``(batch index, work(pipe, recipes))`` (``attnmod.strategy.run_strategies``)."""
         for index, recipes in enumerate(batches):
-            yield index, render(pipe, recipes)
+            yield index, (work or render)(pipe, recipes)
 
 
 def _already_done(path: Path | None, recipe: Recipe) -> bool:
