@@ -37,12 +37,18 @@ def require_ray():
 
 def check_reachable(address: str | None, timeout: float = 5.0) -> None:
     """A ``HOST:PORT`` or ``ray://HOST:PORT`` address must accept a connection (Ray itself would retry for
-    minutes); ``None`` and ``auto`` are left to Ray."""
+    minutes), and ``ray://`` needs Ray Client's extra packages; ``None`` and ``auto`` are left to Ray."""
     if address is None or address in ("auto", "local"):
         return
     host, _, port = address.removeprefix("ray://").rpartition(":")
     if not host or not port.isdigit():
         raise ValueError(f"malformed Ray address {address!r}: use HOST:PORT, ray://HOST:PORT or auto")
+    if address.startswith("ray://"):
+        try:
+            import grpc  # noqa: F401 - what Ray Client needs beyond the minimal Ray
+        except ImportError:
+            raise ValueError(f'{address} is a Ray Client address: it needs pip install "ray[client]" here (the '
+                             "same Ray and Python versions as the cluster)") from None
     try:
         socket.create_connection((host, int(port)), timeout=timeout).close()
     except OSError as e:

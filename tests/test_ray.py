@@ -140,6 +140,14 @@ def test_unreachable_or_malformed_address_is_one_line_at_once():
     check_reachable("auto")
 
 
+def test_ray_client_address_without_the_client_extra_is_one_line(monkeypatch):
+    from attnmod.distributed import check_reachable
+
+    monkeypatch.setitem(sys.modules, "grpc", None)  # the minimal Ray: no Ray Client
+    with pytest.raises(ValueError, match=r'ray://127.0.0.1:1 is a Ray Client address: it needs pip install "ray\[client\]"'):
+        check_reachable("ray://127.0.0.1:1")
+
+
 @needs_ray
 def test_killed_worker_loses_only_its_batch(sd, ray_session, tmp_path):
     with RayExecutor(workers=2) as executor:  # its own: the kill leaves it one worker
