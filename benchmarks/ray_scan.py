@@ -7,15 +7,16 @@ Each executor is warmed up by one scan (the workers load the model), then timed 
 run counts (the machine is shared). Printed:
 
 * images/min: local, Ray with 1 worker, Ray with 2 workers;
-* the per-tile overhead of the Ray path: (Ray with 1 worker - local) / tiles, the same tiles on the same thread count;
-* what grows with the tile size at SDXL's 1024x1024: moving one tile's pixels (float32, 12 MiB) from a worker to the
-  driver through Ray's object store on this machine, and the driver writing one 1024x1024 tile PNG (it writes every
-  tile, so its PNG encoding bounds a cluster's tiles/s).
+* the per-tile overhead of the Ray path: a scan kept in memory, local vs Ray with 1 worker, interleaved (noisy on a
+  shared machine); and, without rendering, the time to send recipes to a worker and get tiles back, per tile
+  (batches of 1 and 4; 32x32 and SDXL's 1024x1024 float32 tiles, 12 MiB each, through this machine's object store);
+* the driver writing one 1024x1024 tile PNG (it writes every tile, so its PNG encoding bounds a cluster's tiles/s).
 """
 
 import os
 import tempfile
 import time
+from functools import partial
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
@@ -35,28 +36,29 @@ REPEATS = 3
 BIG = 1024  # SDXL's tile side
 
 
-def scan_seconds(pipe, executor) -> tuple[float, int]:
-    """Fastest of ``REPEATS`` scans into fresh folders: (seconds, tiles)."""
+def scan_seconds(pipe, executor, write: bool = True) -> tuple[float, int]:
+    """Fastest of ``REPEATS`` scans into fresh folders (``write``) or kept in memory: (seconds, tiles)."""
     best = float("inf")
     for _ in range(REPEATS):
         with tempfile.TemporaryDirectory() as out:
             t = time.perf_counter()
-            result = run_scan(pipe, SWEEP, BASE, out=out, batch_size=4, progress=False, executor=executor)
+            result = run_scan(pipe, SWEEP, BASE, out=out if write else None, batch_size=4, progress=False,
+                              executor=executor)
             best = min(best, time.perf_counter() - t)
     return best, result.rendered
 
 
-def big_tiles(pipe, recipes):
-    """A worker's answer of 1024x1024 float32 tiles (the size of SDXL's), without rendering them."""
-    return np.full((len(recipes), BIG, BIG, 3), 0.5, dtype=np.float32)
+def blank_tiles(pipe, recipes, side: int = 32):
+    """A worker's answer of ``side``x``side`` float32 tiles, without rendering them: what Ray adds to a batch."""
+    return np.full((len(recipes), side, side, 3), 0.5, dtype=np.float32)
 
 
-def transfer_ms(executor, n: int = 24) -> float:
-    """ms per 1024x1024 tile moved from a worker to the driver (batches of one, one worker)."""
+def dispatch_ms(executor, side: int = 32, batch: int = 1, n: int = 48) -> float:
+    """ms per tile of sending ``n`` batches to the workers and their ``side``-pixel tiles back, nothing rendered."""
     t = time.perf_counter()
-    for _ in executor.map(None, [[BASE]] * n, big_tiles):
+    for _ in executor.map(None, [[BASE] * batch] * n, partial(blank_tiles, side=side)):
         pass
-    return 1000 * (time.perf_counter() - t) / n
+    return 1000 * (time.perf_counter() - t) / (n * batch)
 
 
 def png_ms(image: Image.Image, n: int = 5) -> float:
@@ -84,10 +86,18 @@ def main() -> None:
             print(f"ray, {n} worker(s), warm: {tiles} images in {seconds[n]:.2f}s = "
                   f"{60 * tiles / seconds[n]:.0f} images/min", flush=True)
             if n == 1:
-                print(f"per-tile overhead of the Ray path (1 worker - local, {tiles} tiles of 32x32): "
-                      f"{1000 * (seconds[1] - local) / tiles:+.1f} ms", flush=True)
-                print(f"moving one {BIG}x{BIG} float32 tile from a worker to the driver (this machine): "
-                      f"{transfer_ms(ex):.1f} ms", flush=True)
+                local_ab, ray_ab = float("inf"), float("inf")
+                for _ in range(REPEATS):  # interleaved, tiles kept in memory (with a folder Ray's driver writes
+                    local_ab = min(local_ab, scan_seconds(pipe, None, write=False)[0])  # while the worker renders)
+                    ray_ab = min(ray_ab, scan_seconds(pipe, ex, write=False)[0])
+                print(f"scan in memory, local vs Ray with 1 worker ({tiles} tiles of 32x32, one thread each): "
+                      f"{local_ab:.2f}s vs {ray_ab:.2f}s = {1000 * (ray_ab - local_ab) / tiles:+.1f} ms per tile",
+                      flush=True)
+                print("per-tile overhead of the Ray path, nothing rendered (send the recipes, get 32x32 tiles back): "
+                      f"{dispatch_ms(ex, 32, 1):.1f} ms in batches of 1, {dispatch_ms(ex, 32, 4):.1f} ms in "
+                      "batches of 4", flush=True)
+                print(f"the same with {BIG}x{BIG} float32 tiles (12 MiB each, this machine's object store): "
+                      f"{dispatch_ms(ex, BIG, 1, 24):.1f} ms per tile", flush=True)
     ray.shutdown()
     tile = run_scan(pipe, Sweep(prompts=("a red cat",)), BASE, progress=False).images[0]
     smooth = tile.resize((BIG, BIG), Image.BICUBIC)  # an image's smooth areas compress; noise is the worst case
