@@ -139,7 +139,12 @@ class RayExecutor:
                 ray.init(address=o.address, include_dashboard=False, log_to_driver=False)
                 self._owns_ray = True
             except ConnectionError as e:
-                raise ValueError(f"cannot reach the Ray cluster at {o.address}: {' '.join(str(e).split())}") from None
+                hint = ""
+                if o.address not in (None, "auto") and "RAY_AUTH_MODE" not in os.environ:
+                    hint = ("; if the cluster uses token authentication, set RAY_AUTH_MODE=token and this machine's "
+                            "token (~/.ray/auth_token or RAY_AUTH_TOKEN): Ray enables it for --ray auto only")
+                raise ValueError(f"cannot reach the Ray cluster at {o.address}: {' '.join(str(e).split())}{hint}") \
+                    from None
         if self._actors:
             return
         actor = ray.remote(RenderWorker).options(num_cpus=o.cpus_per_worker, num_gpus=o.gpus_per_worker,

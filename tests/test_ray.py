@@ -140,6 +140,25 @@ def test_unreachable_or_malformed_address_is_one_line_at_once():
     check_reachable("auto")
 
 
+@needs_ray
+def test_a_refused_connection_names_token_authentication(monkeypatch):
+    """Ray >= 2.59 turns token authentication on for clusters started where a token exists; a driver given an
+    explicit address (not auto) connects only with RAY_AUTH_MODE=token, else Ray says just 'Failed to connect'."""
+    def refuse(**kw):
+        raise ConnectionError("Failed to connect to Ray cluster")
+
+    monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", refuse)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        address = f"127.0.0.1:{s.getsockname()[1]}"
+        with pytest.raises(ValueError, match=f"cannot reach the Ray cluster at {address}: Failed to connect to Ray "
+                                             "cluster; if the cluster uses token authentication, set RAY_AUTH_MODE=token"):
+            RayExecutor(address=address, workers=1).start()
+
+
 def test_ray_client_address_without_the_client_extra_is_one_line(monkeypatch):
     from attnmod.distributed import check_reachable
 
