@@ -240,6 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="address to serve on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=guards.positive_int, default=7860, help="port (default 7860)")
     p.add_argument("--out", default="attnmod-ui", help="folder the page's results go to (scans resume there)")
+    _ray_args(p)
 
     for name in ("generate", "scan", "strategy", "influence", "maps", "edit", "style", "transfer", "layout", "panorama"):
         sub.choices[name].add_argument("--quiet", action="store_true", help="no progress bar")
@@ -458,13 +459,22 @@ def _check_ray(args) -> None:
 
 
 def _ray_executor(args, base):
-    """A ``RayExecutor`` for ``--ray`` (one GPU per worker when this run is on CUDA), else None."""
+    """A ``RayExecutor`` for ``--ray`` (one GPU per worker when this run is on CUDA), the web page's own
+    (``attnmod ui --ray``: ``args.executor``), else None."""
+    if getattr(args, "executor", None) is not None:
+        return args.executor
     if args.ray is None:
         return None
     from .distributed import RayExecutor
 
     return RayExecutor(address=args.ray or None, workers=args.ray_workers,
                        gpus_per_worker=1 if base.device.startswith("cuda") else 0)
+
+
+def _close_executor(args, executor) -> None:
+    """End the workers of ``--ray``; the web page's executor stays open for its next job."""
+    if executor is not None and executor is not getattr(args, "executor", None):
+        executor.close()
 
 
 def cmd_scan(args) -> int:
@@ -495,8 +505,7 @@ def cmd_scan(args) -> int:
                           tile_px=args.tile_px, title=title, side_by_side=args.side_by_side or bool(args.pair),
                           executor=executor)
     finally:
-        if executor is not None:
-            executor.close()
+        _close_executor(args, executor)
     print(f"rendered {result.rendered} of {unique} images ({unique - result.pending_count} already done); "
           f"sheets: {', '.join(str(p) for p in result.sheet_files)}")
     if result.failed:
@@ -520,6 +529,9 @@ def cmd_strategy(args) -> int:
     get_picker(args.picker)  # fail before loading anything
     seeds = guards.seeds(parse_values(args.seed))
     many = len(args.prompt) * len(seeds) > 1
+    if many and Path(args.out).suffix.lower() == ".png":
+        raise ValueError(f"{len(args.prompt)} prompt(s) x {len(seeds)} seed(s) make one image each: --out names a "
+                         f"folder for them, not {args.out}")
     (guards.check_output_dir if many else guards.check_output_file)(args.out)
     _check_ray(args)
     pipe = _load(args)
@@ -540,8 +552,7 @@ def cmd_strategy(args) -> int:
         [result] = run_strategies(pipe, bases, blocks=args.blocks, picker=args.picker,
                                   candidate_batch=args.candidate_batch, executor=executor)
     finally:
-        if executor is not None:
-            executor.close()
+        _close_executor(args, executor)
     path = save_png(result.image, args.out, result.recipe, short)
     order = " ".join(short.get(n, "-") if n else "-" for n in result.order)
     print(f"wrote {path}\nblock gaining +1 at each step: {order}")
@@ -565,8 +576,7 @@ def cmd_influence(args) -> int:
         result = block_influence(pipe, base, setting, blocks=args.blocks, out=args.out, batch_size=args.batch_size,
                                  progress=not args.quiet, executor=executor)
     finally:
-        if executor is not None:
-            executor.close()
+        _close_executor(args, executor)
     top = ", ".join(f"{b} {s:.3f}" for b, s in result.ranking()[:5])
     print(f"wrote {args.out}/influence.png; most influential at {setting.to_text()}: {top}")
     return 0
@@ -1012,13 +1022,28 @@ def cmd_ui(args) -> int:
     except ImportError as e:
         raise ValueError(str(e)) from None
     guards.check_device(args.device)
-    speed.check_speed(best_device(args.device, args.dtype)[0], args.compile, args.offload)
+    device = best_device(args.device, args.dtype)[0]
+    speed.check_speed(device, args.compile, args.offload)
     guards.check_output_dir(args.out)
-    demo, session = ui.create(args.model, args.out, device=args.device, dtype=args.dtype, compile=args.compile,
-                              offload=args.offload, vae_tiling=args.vae_tiling)
-    print(f"attnmod ui: serving model {session.model} on http://{args.host}:{args.port} (Ctrl-C stops); "
-          f"results go to {session.out_dir}", file=sys.stderr)
-    ui.launch(demo, session, host=args.host, port=args.port, block=True)
+    _check_ray(args)
+    executor = None
+    if args.ray is not None:  # the page's scans, influence maps and strategies render on Ray workers
+        from .distributed import RayExecutor
+
+        executor = RayExecutor(address=args.ray or None, workers=args.ray_workers,
+                               gpus_per_worker=1 if device.startswith("cuda") else 0)
+    try:
+        if executor is not None:
+            executor.start()  # one-line errors (workers the cluster cannot place, versions) before serving
+        demo, session = ui.create(args.model, args.out, device=args.device, dtype=args.dtype, executor=executor,
+                                  compile=args.compile, offload=args.offload, vae_tiling=args.vae_tiling)
+        on_ray = f"; scans on {args.ray_workers} Ray worker(s)" if executor is not None else ""
+        print(f"attnmod ui: serving model {session.model} on http://{args.host}:{args.port} (Ctrl-C stops); "
+              f"results go to {session.out_dir}{on_ray}", file=sys.stderr)
+        ui.launch(demo, session, host=args.host, port=args.port, block=True)
+    finally:
+        if executor is not None:
+            executor.close()
     return 0
 
 

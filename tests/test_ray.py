@@ -268,6 +268,59 @@ def test_strategies_sharded_on_ray_equal_local_and_resume(ray_session, tmp_path,
             assert png_text(a) == png_text(b)  # recipe, parameters and the attnmod_strategy chunk (block order)
     assert json.loads((tmp_path / "ray" / "strategies.json").read_text()) == \
         json.loads((tmp_path / "local" / "strategies.json").read_text())
+    assert main([*args, "--out", str(tmp_path / "one.png")]) == 2  # several images: a folder, not a PNG
+    assert "make one image each: --out names a folder" in capsys.readouterr().err
     files = {p: p.stat().st_mtime_ns for p in (tmp_path / "ray").glob("*.png")}
     assert main([*args, "--out", str(tmp_path / "ray"), "--ray", "--ray-workers", "1"]) == 0  # resumes: none redone
     assert all(p.stat().st_mtime_ns == t for p, t in files.items())
+
+
+@needs_ray
+def test_web_page_scans_and_influence_maps_run_on_the_pages_executor(executor, tmp_path, capsys, monkeypatch):
+    """attnmod ui --ray: the scan tab's run and the influence tab's command render on the page's executor (left
+    open for the next job) and write what the CLI writes locally."""
+    pytest.importorskip("gradio")
+    import inspect
+
+    batches = []
+    sharded = executor.map
+    monkeypatch.setattr(executor, "map", lambda pipe, b, work=None: (batches.append(len(b)), sharded(pipe, b, work))[1])
+
+    from attnmod import ui
+    from attnmod.ui import commands
+
+    demo, session = ui.create("tiny", tmp_path / "page", executor=executor)
+    try:
+        run = next(f.fn for f in demo.fns.values()
+                   if f.name == "run" and "rate" in inspect.signature(f.fn).parameters)
+        *_, last = run("a red cat", "", "0,1", "2", "", "32x32", ["U1A1A2"], False, "-5", "0.5", "",
+                       str(tmp_path / "ray"), None)
+        assert "rendered 8 of 8 images" in str(last)
+        influence = ["influence", "--model", "tiny", "--prompt", "a red cat", "--blocks", "U1*", "--steps", "2",
+                     "--size", "32x32", "--batch-size", "3"]
+        commands.run(commands.parse([*influence, "--out", str(tmp_path / "ray-influence")]), session.pipe,
+                     session.executor)
+    finally:
+        demo.close()
+        session.queue.close()
+    assert len(batches) == 2 and len(executor.actors) == 2  # both jobs went to the workers, which stay up
+    assert main(["scan", "--model", "tiny", "--prompt", "a red cat", "--seed", "0,1", "--block", "U1A1A2", "--start",
+                 "-5", "--rate", "0.5", "--steps", "2", "--size", "32x32", "--quiet",
+                 "--out", str(tmp_path / "local")]) == 0
+    assert main([*influence, "--quiet", "--out", str(tmp_path / "local-influence")]) == 0
+    capsys.readouterr()
+    for ours, theirs in (("ray", "local"), ("ray-influence", "local-influence")):
+        here, there = _pixels(tmp_path / theirs), _pixels(tmp_path / ours)
+        assert len(here) > 2 and here.keys() == there.keys() and all(np.array_equal(here[k], there[k]) for k in here)
+    assert json.loads((tmp_path / "ray-influence" / "influence.json").read_text()) == \
+        json.loads((tmp_path / "local-influence" / "influence.json").read_text())
+
+
+def test_web_page_with_an_unreachable_ray_address_is_one_line_before_loading(tmp_path, capsys):
+    pytest.importorskip("gradio")
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    assert main(["ui", "--model", "tiny", "--out", str(tmp_path / "page"), "--ray", f"127.0.0.1:{port}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"attnmod ui: error: cannot reach the Ray cluster at 127.0.0.1:{port}") and err.count("\n") == 1

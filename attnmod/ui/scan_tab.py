@@ -16,6 +16,7 @@ from ..recipe import Recipe
 from ..schedule import Schedule
 from ..sweep import check_scan, parse_values, run_scan
 from .forms import check_fields, common_checks, error_text, one_line, optional
+from .jobs import JobCancelled
 from .scan_view import ScanView, scan_command
 
 FIELDS = ("prompt", "negative", "seed", "steps", "guidance", "size", "blocks", "start", "rate", "settings", "folder")
@@ -192,9 +193,11 @@ def wire(session, ui, stack) -> None:
         def work(job):
             def on_tiles(tiles):
                 job.post([(t.recipe.key, t.status) for t in tiles])
+                if job.cancel.is_set():  # on Ray workers the UNet hook never fires here: stop between batches
+                    raise JobCancelled()
 
             return run_scan(session.pipe, view.sweep, view.base, out=view.folder, progress=False, title=title,
-                            on_tiles=on_tiles)
+                            on_tiles=on_tiles, executor=session.executor)
 
         job = session.queue.submit("scan", request.session_hash if request else "", work)
         ahead = session.queue.ahead_of(job)

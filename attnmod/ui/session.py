@@ -20,6 +20,7 @@ class Session:
     out_dir: Path
     queue: JobQueue = field(init=False)
     ranks: dict[str, int] = field(default_factory=dict)  # short block name -> influence rank, once computed
+    executor: object | None = None  # attnmod ui --ray: a RayExecutor the scans (and influence, strategy) share
     _numbers: itertools.count = field(default_factory=lambda: itertools.count(1))
 
     def __post_init__(self):
