@@ -565,7 +565,7 @@ def cmd_maps(args) -> int:
     from .dit import is_dit
 
     if is_dit(pipe):  # SD3 / FLUX: the image-query rows of the joint attention
-        from .dit_maps import trace
+        from .dit.maps import trace
     with trace(pipe, blocks=args.blocks or model_defaults(pipe)["maps_blocks"]) as tc:
         image = to_pil(generate(pipe, recipe))
     maps = tc.result(recipe.prompt)

@@ -137,7 +137,8 @@ def _load_pipeline(model, device, dtype, scheduler, config):
     import diffusers
     from diffusers import DiffusionPipeline
 
-    from . import tiny, tiny_dit
+    from . import tiny
+    from .dit import tiny as tiny_dit
 
     device, dtype = best_device(device, dtype)
     model = model or DEFAULT_MODEL
