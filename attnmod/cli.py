@@ -260,12 +260,14 @@ def _load(args, model: str | None = None):
     speed.check_speed(best_device(args.device, args.dtype)[0], getattr(args, "compile", None),
                       getattr(args, "offload", None))
     if args.model in EMBEDDED:  # the embedded models' grammar; a trailing full stop is dropped
+        from .jobs import model_prompt
+
         for name in _PROMPT_ARGS:
             value = getattr(args, name, None)
             if isinstance(value, list):
-                setattr(args, name, [_toy_prompt(v) for v in value])
+                setattr(args, name, [model_prompt(args.model, v) for v in value])
             elif value:
-                setattr(args, name, _toy_prompt(value))
+                setattr(args, name, model_prompt(args.model, value))
     pipe = getattr(args, "pipeline", None)  # the web page runs commands on the model it has loaded
     if pipe is None:
         pipe = load_pipeline(args.model, device=args.device, dtype=args.dtype, scheduler=args.scheduler,
@@ -279,19 +281,14 @@ def _load(args, model: str | None = None):
     return pipe
 
 
-def _toy_prompt(prompt: str) -> str:
-    """The embedded toy model reads its training grammar only: other word orders or words are an error."""
-    from .jobs import model_prompt
-
-    return model_prompt(DEFAULT_MODEL, prompt)
-
-
 def _check_prompts(model: str, prompts) -> None:
     """Prompts checked before loading (the embedded model's grammar); see ``_load``."""
     if model in EMBEDDED:
+        from .jobs import model_prompt
+
         for prompt in prompts:
             if prompt:
-                _toy_prompt(prompt)
+                model_prompt(model, prompt)
 
 
 def _base_recipe(args, pipe, prompt: str, seed: int = 0):
