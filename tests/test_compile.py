@@ -52,8 +52,9 @@ def _style(pipe, seed=0, options=None):
         return run(pipe, prompt=["a red cat", "a blue house"], seed=seed)
 
 
-def _edit(pipe, options):
-    result = edit(pipe, "a red cat", "a red dog", options=options, seed=0, steps=3, guidance=5.0, width=32, height=32)
+def _edit(pipe, options, steps=3):
+    result = edit(pipe, "a red cat", "a red dog", options=options, seed=0, steps=steps, guidance=5.0, width=32,
+                  height=32)
     return np.asarray(result.edited)
 
 
@@ -127,8 +128,15 @@ def test_hooks_added_after_compiling_are_never_silently_dropped(compiled):
     assert not np.array_equal(ref["style"], ref["style_no_gn"])
 
 
-def test_prompt_to_prompt_on_compiled_unet_equals_eager(compiled):
-    """Correct, though each edit recompiles (its replacement windows are Python state read in the graph)."""
-    pipe, ref, _ = compiled
-    for options, expected in zip((*EDITS, EDITS[0]), (*ref["p2p"], ref["p2p"][0]), strict=True):
-        assert np.array_equal(_edit(pipe, options), expected)
+def test_prompt_to_prompt_on_compiled_unet_equals_eager_without_recompiling_per_step(compiled):
+    """The step and the replace windows reach the graph as tensors: a 20-step edit, and another edit with the same
+    settings, reuse the first edit's graph; an edit that replaces no self-attention (EDITS[1]) adds one."""
+    pipe, ref, counter = compiled
+    assert np.array_equal(_edit(pipe, EDITS[0]), ref["p2p"][0])
+    warm = counter.frame_count
+    _edit(pipe, EDITS[0], steps=20)
+    _edit(pipe, EditOptions(0.5, 0.2), steps=20)  # other windows, still some self-attention replaced
+    assert counter.frame_count == warm
+    assert np.array_equal(_edit(pipe, EDITS[1]), ref["p2p"][1])
+    assert np.array_equal(_edit(pipe, EDITS[0]), ref["p2p"][0])
+    assert counter.frame_count <= warm + 1
