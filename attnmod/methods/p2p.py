@@ -240,7 +240,6 @@ class PromptToPrompt:
             return (replaced * in_window + edit * (1 - in_window)) * weights
         return replaced * weights * in_window + edit * (1 - in_window)
 
-    @torch.compiler.disable  # accumulates on the host
     def _collect_blend(self, src: torch.Tensor, edit: torch.Tensor) -> None:
         """Add this layer's attention to the blend words (h, Nq, tokens per image), summed over heads; the
         edit's maps are taken as replaced. (The reference averages over heads and layers: the same mask.)"""
