@@ -155,3 +155,9 @@ def test_both_embedded_models_read_their_grammar_only_and_others_any_text(model)
     with pytest.raises(ValueError):
         model_prompt(model, "a photo of a dog")
     assert model_prompt("tiny", "a photo of a dog.") == "a photo of a dog."
+
+
+def test_the_page_starts_both_embedded_models_on_the_readme_block(tmp_path):
+    from attnmod.ui.session import Session
+
+    assert Session.load("toy-layout", tmp_path).default_block == "U2A2A2"  # the same architecture as toy
