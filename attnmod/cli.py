@@ -263,12 +263,14 @@ def _load(args, model: str | None = None):
     speed.check_speed(best_device(args.device, args.dtype)[0], getattr(args, "compile", None),
                       getattr(args, "offload", None))
     if args.model in EMBEDDED:  # the embedded models' grammar; a trailing full stop is dropped
+        from .jobs import model_prompt
+
         for name in _PROMPT_ARGS:
             value = getattr(args, name, None)
             if isinstance(value, list):
-                setattr(args, name, [_toy_prompt(v) for v in value])
+                setattr(args, name, [model_prompt(args.model, v) for v in value])
             elif value:
-                setattr(args, name, _toy_prompt(value))
+                setattr(args, name, model_prompt(args.model, value))
     pipe = getattr(args, "pipeline", None)  # the web page runs commands on the model it has loaded
     if pipe is None:
         pipe = load_pipeline(args.model, device=args.device, dtype=args.dtype, scheduler=args.scheduler,
@@ -282,19 +284,14 @@ def _load(args, model: str | None = None):
     return pipe
 
 
-def _toy_prompt(prompt: str) -> str:
-    """The embedded toy model reads its training grammar only: other word orders or words are an error."""
-    from .jobs import model_prompt
-
-    return model_prompt(DEFAULT_MODEL, prompt)
-
-
 def _check_prompts(model: str, prompts) -> None:
     """Prompts checked before loading (the embedded model's grammar); see ``_load``."""
     if model in EMBEDDED:
+        from .jobs import model_prompt
+
         for prompt in prompts:
             if prompt:
-                _toy_prompt(prompt)
+                model_prompt(model, prompt)
 
 
 def _base_recipe(args, pipe, prompt: str, seed: int = 0):
@@ -598,7 +595,7 @@ def cmd_maps(args) -> int:
     from .dit import is_dit
 
     if is_dit(pipe):  # SD3 / FLUX: the image-query rows of the joint attention
-        from .dit_maps import trace
+        from .dit.maps import trace
     with trace(pipe, blocks=args.blocks or model_defaults(pipe)["maps_blocks"]) as tc:
         image = to_pil(generate(pipe, recipe))
     maps = tc.result(recipe.prompt)

@@ -1,5 +1,7 @@
 import json
+import os
 import shutil
+import sys
 
 import pytest
 from PIL import Image
@@ -128,3 +130,14 @@ def test_unknown_words_for_the_embedded_model_list_its_vocabulary(tmp_path, caps
     err = capsys.readouterr().err
     assert code == 2 and "does not know: zebra" in err and "vocabulary" in err
     assert not (tmp_path / "z.png").exists()
+
+
+def test_loading_the_embedded_model_prints_nothing_in_a_fresh_process():
+    """The library, used from Python: no loading bars, no warning about torchvision (not a dependency)."""
+    import subprocess
+
+    code = "from attnmod.loading import load_pipeline; load_pipeline(None)"
+    env = {k: v for k, v in os.environ.items() if k != "TRANSFORMERS_VERBOSITY"}  # conftest sets it; users don't
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == "" and proc.stderr == ""

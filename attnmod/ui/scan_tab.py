@@ -12,6 +12,7 @@ import gradio as gr
 from .. import guards
 from ..blocks import resolve_blocks
 from ..jobs import base_recipe, finer_range, mod_texts, scan_sweep, scan_title
+from ..loading import EMBEDDED
 from ..recipe import Recipe
 from ..schedule import Schedule
 from ..sweep import check_scan, parse_values, run_scan
@@ -29,7 +30,7 @@ def _error_box(name: str) -> gr.Markdown:
 
 def build(session) -> SimpleNamespace:
     ui = SimpleNamespace(errors={})
-    toy = session.model == "toy"
+    toy = session.model in EMBEDDED  # the embedded models: their example prompt and seed
     with gr.Row():
         with gr.Column(scale=2):
             ui.prompt = gr.Textbox(label="prompt", value=EXAMPLE if toy else "", elem_id="scan-prompt", lines=2)
