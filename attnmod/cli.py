@@ -46,8 +46,9 @@ def _ray_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
                    help="render the batches on a Ray cluster (ADDRESS, e.g. auto or ray://host:10001; "
                         "alone: a local Ray on this machine); this process writes the output folder")
-    p.add_argument("--ray-workers", type=guards.positive_int, default=2,
-                   help="Ray workers, each holding the model once (one per GPU on a GPU cluster; default 2)")
+    p.add_argument("--ray-workers", type=guards.positive_int, default=None,
+                   help="Ray workers, each holding the model once (one per GPU on a GPU cluster; default 2); "
+                        "needs --ray")
 
 
 def _gen_args(p: argparse.ArgumentParser, many_prompts: bool = False, required: bool | None = None) -> None:
@@ -448,6 +449,9 @@ def _sweep_from_args(args):
 
 def _check_ray(args) -> None:
     """With ``--ray``: one-line errors (Ray not installed, address unreachable) before the model loads."""
+    if args.ray is None and args.ray_workers is not None:
+        raise ValueError("--ray-workers needs --ray (without it everything runs here, in this process)")
+    args.ray_workers = args.ray_workers or 2
     if args.ray is not None:
         from .distributed import check_reachable, require_ray
 

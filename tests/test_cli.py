@@ -141,3 +141,12 @@ def test_loading_the_embedded_model_prints_nothing_in_a_fresh_process():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == "" and proc.stderr == ""
+
+
+@pytest.mark.parametrize("command", ["scan", "influence", "strategy"])
+def test_ray_workers_without_ray_is_an_error_not_ignored(command, tmp_path, capsys):
+    out = tmp_path / ("o.png" if command == "strategy" else "o")
+    argv = [command, "--model", "tiny", "--prompt", "a red cat", "--ray-workers", "2", "--out", str(out)]
+    assert main(argv) == 2
+    assert "--ray-workers needs --ray" in capsys.readouterr().err
+    assert not out.exists()
