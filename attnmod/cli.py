@@ -98,6 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--y", help="axis along y")
     p.add_argument("--batch-size", type=guards.positive_int, default=8, help="images per pipeline call")
     p.add_argument("--tile-px", type=guards.positive_int, default=None, help="display size of a tile in the grid")
+    p.add_argument("--png-compression", type=int, choices=range(10), default=6, metavar="0-9",
+                   help="the tiles' zlib level (lossless; default 6; 1 writes ~5x faster, ~25%% larger files)")
     p.add_argument("--out", required=True, help="output folder (re-running resumes)")
     _ray_args(p)
 
@@ -503,6 +505,7 @@ def cmd_scan(args) -> int:
     executor = _ray_executor(args, base)
     try:
         result = run_scan(pipe, sweep, base, out=args.out, batch_size=args.batch_size, progress=not args.quiet,
+                          png_compression=args.png_compression,
                           tile_px=args.tile_px, title=title, side_by_side=args.side_by_side or bool(args.pair),
                           executor=executor)
     finally:
