@@ -528,10 +528,9 @@ def cmd_strategy(args) -> int:
     from .blocks import list_blocks
     from .recipe import save_png
     from .strategy import get_picker, run_strategies, strategy_file
-    from .sweep import parse_values
 
     get_picker(args.picker)  # fail before loading anything
-    seeds = guards.seeds(parse_values(args.seed))
+    seeds = guards.seed_values(args.seed)
     many = len(args.prompt) * len(seeds) > 1
     if many and Path(args.out).suffix.lower() == ".png":
         raise ValueError(f"{len(args.prompt)} prompt(s) x {len(seeds)} seed(s) make one image each: --out names a "

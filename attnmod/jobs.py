@@ -75,7 +75,7 @@ def scan_sweep(prompts: Sequence[str], *, seed: str = "0", blocks: Sequence[str]
             raise ValueError(f"--pair expects two blocks A,B, got {pair!r}")
         blocks = [a, b, f"{a}+{b}"]
     return Sweep(
-        prompts=tuple(prompts), seeds=tuple(guards.seeds(parse_values(seed))), blocks=tuple(blocks),
+        prompts=tuple(prompts), seeds=tuple(guards.seed_values(seed)), blocks=tuple(blocks),
         starts=tuple(kw.get("starts", (1.0,))), rates=tuple(kw.get("rates", (0.0,))),
         accels=tuple(parse_values(accel)), settings=kw.get("settings"),
         encoder_weights=tuple(tuple(parse_values(w)) for w in encoder_weights), x=x, y=y,

@@ -50,6 +50,8 @@ def test_scan_sweep_reads_the_cli_options_and_names_the_bad_one():
         scan_sweep(["p"], start="1:2")
     with pytest.raises(ValueError, match="--seed values must be whole numbers"):
         scan_sweep(["p"], seed="0:1:3")
+    with pytest.raises(ValueError, match="^--seed: malformed range 'a'"):
+        scan_sweep(["p"], seed="a")
 
 
 def test_on_tiles_reports_each_batch_then_resumed_tiles(sd, tmp_path):
