@@ -24,7 +24,7 @@ import torch
 
 from .blocks import resolve_blocks
 from .dit import denoiser
-from .generate import finite, render
+from .generate import NonFiniteImageError, describe, finite, render
 from .modify import denoiser_input, is_extra_call, modify
 from .recipe import Recipe, png_text, save_png, write_json
 from .schedule import Schedule
@@ -147,7 +147,7 @@ def run_strategy(pipe, base: Recipe, *, blocks: str | list[str] = "all", picker:
     mods = {name: Schedule(values=tuple(float(i >= first.get(name, n)) for i in range(n))) for name in names}
     recipe = base.with_mods(mods)
     if not finite(image[None])[0]:
-        raise ValueError("the strategy's image came out non-finite (NaN/inf)")
+        raise NonFiniteImageError(f"the strategy's image came out non-finite (NaN/inf) for {describe(recipe)}")
     return StrategyResult(image, recipe, strategy.order)
 
 
