@@ -177,7 +177,7 @@ def joint_query_key(attn, hidden_states: torch.Tensor, encoder_hidden_states: to
     text] on SD3, [text ‖ image] on FLUX: ``text_first``) and FLUX's rotary embedding.
 
     Word maps need nothing else: the stock processor still computes the attention (its output is never
-    touched), and only the image queries' rows of the probabilities are ever formed (``dit_maps``). Tested
+    touched), and only the image queries' rows of the probabilities are ever formed (``dit.maps``). Tested
     against the stock path: softmax(q kᵀ·scale) v equals the processor's result before its projections.
     hidden_states: (B, Ni, C); encoder_hidden_states: (B, Nt, C') or None -> q, k: (B, h, N, d).
     """

@@ -46,8 +46,9 @@ def _ray_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
                    help="render the batches on a Ray cluster (ADDRESS, e.g. auto or ray://host:10001; "
                         "alone: a local Ray on this machine); this process writes the output folder")
-    p.add_argument("--ray-workers", type=guards.positive_int, default=2,
-                   help="Ray workers, each holding the model once (one per GPU on a GPU cluster; default 2)")
+    p.add_argument("--ray-workers", type=guards.positive_int, default=None,
+                   help="Ray workers, each holding the model once (one per GPU on a GPU cluster; default 2); "
+                        "needs --ray")
 
 
 def _gen_args(p: argparse.ArgumentParser, many_prompts: bool = False, required: bool | None = None) -> None:
@@ -97,17 +98,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--y", help="axis along y")
     p.add_argument("--batch-size", type=guards.positive_int, default=8, help="images per pipeline call")
     p.add_argument("--tile-px", type=guards.positive_int, default=None, help="display size of a tile in the grid")
+    p.add_argument("--png-compression", type=int, choices=range(10), default=6, metavar="0-9",
+                   help="the tiles' zlib level (lossless; default 6; 1 writes ~5x faster, ~25%% larger files)")
     p.add_argument("--out", required=True, help="output folder (re-running resumes)")
     _ray_args(p)
 
     p = sub.add_parser("strategy", help="greedy multi-block AttnMod (paper Fig. 9): one block gains +1 per step")
-    _gen_args(p)
-    p.add_argument("--seed", type=guards.seed, default=0)
+    _gen_args(p, many_prompts=True)
+    p.add_argument("--seed", default="0", help="0, or several (0,1,2 or 0:9:10): one strategy per prompt and seed")
     p.add_argument("--blocks", default="all", help="candidate blocks (selector), all starting at 0")
     p.add_argument("--picker", default="most", help="most (influential) or least")
     p.add_argument("--candidate-batch", type=guards.positive_int, default=None,
                    help="candidates per UNet call (default all)")
-    p.add_argument("--out", required=True, help="output PNG (its recipe remakes it without the search)")
+    p.add_argument("--out", required=True, help="output PNG (its recipe remakes it without the search); with "
+                                                "several prompts or seeds, a folder (re-running resumes)")
+    _ray_args(p)
 
     p = sub.add_parser("influence", help="every block's tile at one setting vs the default, scored")
     _gen_args(p)
@@ -238,6 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="address to serve on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=guards.positive_int, default=7860, help="port (default 7860)")
     p.add_argument("--out", default="attnmod-ui", help="folder the page's results go to (scans resume there)")
+    _ray_args(p)
 
     for name in ("generate", "scan", "strategy", "influence", "maps", "edit", "style", "transfer", "layout", "panorama"):
         sub.choices[name].add_argument("--quiet", action="store_true", help="no progress bar")
@@ -260,12 +266,14 @@ def _load(args, model: str | None = None):
     speed.check_speed(best_device(args.device, args.dtype)[0], getattr(args, "compile", None),
                       getattr(args, "offload", None))
     if args.model in EMBEDDED:  # the embedded models' grammar; a trailing full stop is dropped
+        from .jobs import model_prompt
+
         for name in _PROMPT_ARGS:
             value = getattr(args, name, None)
             if isinstance(value, list):
-                setattr(args, name, [_toy_prompt(v) for v in value])
+                setattr(args, name, [model_prompt(args.model, v) for v in value])
             elif value:
-                setattr(args, name, _toy_prompt(value))
+                setattr(args, name, model_prompt(args.model, value))
     pipe = getattr(args, "pipeline", None)  # the web page runs commands on the model it has loaded
     if pipe is None:
         pipe = load_pipeline(args.model, device=args.device, dtype=args.dtype, scheduler=args.scheduler,
@@ -279,19 +287,14 @@ def _load(args, model: str | None = None):
     return pipe
 
 
-def _toy_prompt(prompt: str) -> str:
-    """The embedded toy model reads its training grammar only: other word orders or words are an error."""
-    from .jobs import model_prompt
-
-    return model_prompt(DEFAULT_MODEL, prompt)
-
-
 def _check_prompts(model: str, prompts) -> None:
     """Prompts checked before loading (the embedded model's grammar); see ``_load``."""
     if model in EMBEDDED:
+        from .jobs import model_prompt
+
         for prompt in prompts:
             if prompt:
-                _toy_prompt(prompt)
+                model_prompt(model, prompt)
 
 
 def _base_recipe(args, pipe, prompt: str, seed: int = 0):
@@ -448,6 +451,9 @@ def _sweep_from_args(args):
 
 def _check_ray(args) -> None:
     """With ``--ray``: one-line errors (Ray not installed, address unreachable) before the model loads."""
+    if args.ray is None and args.ray_workers is not None:
+        raise ValueError("--ray-workers needs --ray (without it everything runs here, in this process)")
+    args.ray_workers = args.ray_workers or 2
     if args.ray is not None:
         from .distributed import check_reachable, require_ray
 
@@ -456,13 +462,22 @@ def _check_ray(args) -> None:
 
 
 def _ray_executor(args, base):
-    """A ``RayExecutor`` for ``--ray`` (one GPU per worker when this run is on CUDA), else None."""
+    """A ``RayExecutor`` for ``--ray`` (one GPU per worker when this run is on CUDA), the web page's own
+    (``attnmod ui --ray``: ``args.executor``), else None."""
+    if getattr(args, "executor", None) is not None:
+        return args.executor
     if args.ray is None:
         return None
     from .distributed import RayExecutor
 
     return RayExecutor(address=args.ray or None, workers=args.ray_workers,
                        gpus_per_worker=1 if base.device.startswith("cuda") else 0)
+
+
+def _close_executor(args, executor) -> None:
+    """End the workers of ``--ray``; the web page's executor stays open for its next job."""
+    if executor is not None and executor is not getattr(args, "executor", None):
+        executor.close()
 
 
 def cmd_scan(args) -> int:
@@ -490,11 +505,11 @@ def cmd_scan(args) -> int:
     executor = _ray_executor(args, base)
     try:
         result = run_scan(pipe, sweep, base, out=args.out, batch_size=args.batch_size, progress=not args.quiet,
+                          png_compression=args.png_compression,
                           tile_px=args.tile_px, title=title, side_by_side=args.side_by_side or bool(args.pair),
                           executor=executor)
     finally:
-        if executor is not None:
-            executor.close()
+        _close_executor(args, executor)
     print(f"rendered {result.rendered} of {unique} images ({unique - result.pending_count} already done); "
           f"sheets: {', '.join(str(p) for p in result.sheet_files)}")
     if result.failed:
@@ -508,17 +523,39 @@ def cmd_scan(args) -> int:
 
 
 def cmd_strategy(args) -> int:
+    from dataclasses import replace as dc_replace
+
     from .blocks import list_blocks
     from .recipe import save_png
-    from .strategy import get_picker, run_strategy
+    from .strategy import get_picker, run_strategies, strategy_file
 
     get_picker(args.picker)  # fail before loading anything
-    guards.check_output_file(args.out)
+    seeds = guards.seed_values(args.seed)
+    many = len(args.prompt) * len(seeds) > 1
+    if many and Path(args.out).suffix.lower() == ".png":
+        raise ValueError(f"{len(args.prompt)} prompt(s) x {len(seeds)} seed(s) make one image each: --out names a "
+                         f"folder for them, not {args.out}")
+    (guards.check_output_dir if many else guards.check_output_file)(args.out)
+    _check_ray(args)
     pipe = _load(args)
-    base = _base_recipe(args, pipe, args.prompt, args.seed)
-    guards.check_job_size(1, base.steps, base.width, base.height, args.yes)
+    first = _base_recipe(args, pipe, args.prompt[0], seeds[0])
+    bases = [dc_replace(first, prompt=prompt, seed=seed) for prompt in args.prompt for seed in seeds]
+    guards.check_job_size(len(bases), first.steps, first.width, first.height, args.yes)
     short = {b.name: b.short for b in list_blocks(pipe)}
-    result = run_strategy(pipe, base, blocks=args.blocks, picker=args.picker, candidate_batch=args.candidate_batch)
+    executor = _ray_executor(args, first)
+    progress = None if args.quiet or not many else (
+        lambda done, total: print(f"strategy {done}/{total}", file=sys.stderr))
+    try:
+        if many:
+            run_strategies(pipe, bases, blocks=args.blocks, picker=args.picker, candidate_batch=args.candidate_batch,
+                           out=args.out, executor=executor, progress=progress)
+            print(f"wrote {len(bases)} strategies to {args.out}/ ({strategy_file(0, bases[0])}, ...; "
+                  "strategies.json lists each one's prompt, seed and block order)")
+            return 0
+        [result] = run_strategies(pipe, bases, blocks=args.blocks, picker=args.picker,
+                                  candidate_batch=args.candidate_batch, executor=executor)
+    finally:
+        _close_executor(args, executor)
     path = save_png(result.image, args.out, result.recipe, short)
     order = " ".join(short.get(n, "-") if n else "-" for n in result.order)
     print(f"wrote {path}\nblock gaining +1 at each step: {order}")
@@ -542,8 +579,7 @@ def cmd_influence(args) -> int:
         result = block_influence(pipe, base, setting, blocks=args.blocks, out=args.out, batch_size=args.batch_size,
                                  progress=not args.quiet, executor=executor)
     finally:
-        if executor is not None:
-            executor.close()
+        _close_executor(args, executor)
     top = ", ".join(f"{b} {s:.3f}" for b, s in result.ranking()[:5])
     print(f"wrote {args.out}/influence.png; most influential at {setting.to_text()}: {top}")
     return 0
@@ -565,7 +601,7 @@ def cmd_maps(args) -> int:
     from .dit import is_dit
 
     if is_dit(pipe):  # SD3 / FLUX: the image-query rows of the joint attention
-        from .dit_maps import trace
+        from .dit.maps import trace
     with trace(pipe, blocks=args.blocks or model_defaults(pipe)["maps_blocks"]) as tc:
         image = to_pil(generate(pipe, recipe))
     maps = tc.result(recipe.prompt)
@@ -989,13 +1025,28 @@ def cmd_ui(args) -> int:
     except ImportError as e:
         raise ValueError(str(e)) from None
     guards.check_device(args.device)
-    speed.check_speed(best_device(args.device, args.dtype)[0], args.compile, args.offload)
+    device = best_device(args.device, args.dtype)[0]
+    speed.check_speed(device, args.compile, args.offload)
     guards.check_output_dir(args.out)
-    demo, session = ui.create(args.model, args.out, device=args.device, dtype=args.dtype, compile=args.compile,
-                              offload=args.offload, vae_tiling=args.vae_tiling)
-    print(f"attnmod ui: serving model {session.model} on http://{args.host}:{args.port} (Ctrl-C stops); "
-          f"results go to {session.out_dir}", file=sys.stderr)
-    ui.launch(demo, session, host=args.host, port=args.port, block=True)
+    _check_ray(args)
+    executor = None
+    if args.ray is not None:  # the page's scans, influence maps and strategies render on Ray workers
+        from .distributed import RayExecutor
+
+        executor = RayExecutor(address=args.ray or None, workers=args.ray_workers,
+                               gpus_per_worker=1 if device.startswith("cuda") else 0)
+    try:
+        if executor is not None:
+            executor.start()  # one-line errors (workers the cluster cannot place, versions) before serving
+        demo, session = ui.create(args.model, args.out, device=args.device, dtype=args.dtype, executor=executor,
+                                  compile=args.compile, offload=args.offload, vae_tiling=args.vae_tiling)
+        on_ray = f"; scans on {args.ray_workers} Ray worker(s)" if executor is not None else ""
+        print(f"attnmod ui: serving model {session.model} on http://{args.host}:{args.port} (Ctrl-C stops); "
+              f"results go to {session.out_dir}{on_ray}", file=sys.stderr)
+        ui.launch(demo, session, host=args.host, port=args.port, block=True)
+    finally:
+        if executor is not None:
+            executor.close()
     return 0
 
 

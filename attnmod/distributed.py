@@ -5,14 +5,19 @@ sheets exactly as a local scan does (``attnmod.sweep``); only the rendering of t
 of Ray actors, each holding the pipeline loaded once (by the recipes' model reference: ``tiny``, a folder,
 a hub id). Batches carry their index and come back in any order. A worker that dies loses only its
 in-flight batch, which goes to another worker. Ray is imported here only, when an executor is made.
+
+An executor's ``map(pipe, batches, work)`` runs ``work(pipe, recipes)`` (default ``generate.render``) on
+every batch: scans and influence maps render tiles, ``strategy.run_strategies`` runs one greedy search per
+recipe; both go through the same executors.
 """
 
 from __future__ import annotations
 
 import os
 import socket
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -32,12 +37,18 @@ def require_ray():
 
 def check_reachable(address: str | None, timeout: float = 5.0) -> None:
     """A ``HOST:PORT`` or ``ray://HOST:PORT`` address must accept a connection (Ray itself would retry for
-    minutes); ``None`` and ``auto`` are left to Ray."""
+    minutes), and ``ray://`` needs Ray Client's extra packages; ``None`` and ``auto`` are left to Ray."""
     if address is None or address in ("auto", "local"):
         return
     host, _, port = address.removeprefix("ray://").rpartition(":")
     if not host or not port.isdigit():
         raise ValueError(f"malformed Ray address {address!r}: use HOST:PORT, ray://HOST:PORT or auto")
+    if address.startswith("ray://"):
+        try:
+            import grpc  # noqa: F401 - what Ray Client needs beyond the minimal Ray
+        except ImportError:
+            raise ValueError(f'{address} is a Ray Client address: it needs pip install "ray[client]" here (the '
+                             "same Ray and Python versions as the cluster)") from None
     try:
         socket.create_connection((host, int(port)), timeout=timeout).close()
     except OSError as e:
@@ -89,12 +100,13 @@ class RenderWorker:
         pipe.set_progress_bar_config(disable=True)
         self.pipe, self.spec = pipe, spec
 
-    def render(self, index: int, recipes: list[dict]) -> tuple[int, np.ndarray]:
+    def run(self, index: int, recipes: list[dict], work: Callable | None = None) -> tuple[int, Any]:
+        """``(index, work(pipe, recipes))``; ``work`` defaults to rendering the recipes' images."""
         from .generate import render
 
         batch = [Recipe.from_dict(r) for r in recipes]
         self.load(_spec(batch[0]))
-        return index, render(self.pipe, batch)
+        return index, (work or render)(self.pipe, batch)
 
 
 def _spec(recipe: Recipe) -> tuple[str, str, str, str]:
@@ -103,13 +115,16 @@ def _spec(recipe: Recipe) -> tuple[str, str, str, str]:
 
 
 class RayExecutor:
-    """Renders a scan's batches on ``workers`` Ray actors (see the module doc); ``close()`` ends them."""
+    """Renders a scan's batches on ``workers`` Ray actors (see the module doc); ``close()`` (or leaving a
+    ``with`` block) ends them, and shuts Ray down if this executor started it, so the CPU/GPU slots they
+    held are free for the next executor."""
 
     def __init__(self, address: str | None = None, workers: int = 2, gpus_per_worker: float = 0,
                  cpus_per_worker: float = 1, start_timeout: float = 120):
         self.options = RayOptions(address, workers, gpus_per_worker, cpus_per_worker, start_timeout)
         self._ray = require_ray()
         self._actors: list = []
+        self._owns_ray = False  # True when start() called ray.init(): close() then calls ray.shutdown()
 
     @property
     def actors(self) -> tuple:
@@ -122,8 +137,14 @@ class RayExecutor:
             check_reachable(o.address)
             try:
                 ray.init(address=o.address, include_dashboard=False, log_to_driver=False)
+                self._owns_ray = True
             except ConnectionError as e:
-                raise ValueError(f"cannot reach the Ray cluster at {o.address}: {' '.join(str(e).split())}") from None
+                hint = ""
+                if o.address not in (None, "auto") and "RAY_AUTH_MODE" not in os.environ:
+                    hint = ("; if the cluster uses token authentication, set RAY_AUTH_MODE=token and this machine's "
+                            "token (~/.ray/auth_token or RAY_AUTH_TOKEN): Ray enables it for --ray auto only")
+                raise ValueError(f"cannot reach the Ray cluster at {o.address}: {' '.join(str(e).split())}{hint}") \
+                    from None
         if self._actors:
             return
         actor = ray.remote(RenderWorker).options(num_cpus=o.cpus_per_worker, num_gpus=o.gpus_per_worker,
@@ -143,8 +164,10 @@ class RayExecutor:
             raise ValueError(f"Ray workers run attnmod {', '.join(sorted(set(versions)))}, this driver {__version__}; "
                              "install the same version everywhere")
 
-    def map(self, pipe, batches: Sequence[Sequence[Recipe]]) -> Iterator[tuple[int, np.ndarray]]:
-        """``(batch index, images)`` for every batch as it finishes, in any order."""
+    def map(self, pipe, batches: Sequence[Sequence[Recipe]],
+            work: Callable | None = None) -> Iterator[tuple[int, np.ndarray | Any]]:
+        """``(batch index, images)`` for every batch as it finishes, in any order; with ``work`` (a function
+        of ``(pipe, recipes)`` that pickles), ``(batch index, work's result)``, run on the workers."""
         ray = self._ray
         if not batches:
             return
@@ -158,7 +181,7 @@ class RayExecutor:
         def feed(actor) -> None:
             if queue:
                 index = queue.pop()
-                running[actor.render.remote(index, payload[index])] = (actor, index)
+                running[actor.run.remote(index, payload[index], work)] = (actor, index)
 
         for actor in self._actors:
             feed(actor)
@@ -166,7 +189,7 @@ class RayExecutor:
             [ref], _ = ray.wait(list(running), num_returns=1)
             actor, index = running.pop(ref)
             try:
-                got, images = ray.get(ref)
+                got, images = self._get(ref)
             except ray.exceptions.RayActorError:  # the worker died: its batch goes to another one
                 self._actors.remove(actor)
                 queue.append(index)
@@ -192,6 +215,9 @@ class RayExecutor:
         for actor in self._actors:
             self._ray.kill(actor)
         self._actors = []
+        if self._owns_ray:
+            self._ray.shutdown()
+            self._owns_ray = False
 
     def __enter__(self) -> RayExecutor:
         return self

@@ -84,6 +84,17 @@ def seeds(values: list[float]) -> list[int]:
     return out
 
 
+def seed_values(text: str) -> list[int]:
+    """The seeds of a ``--seed`` text (``0``, ``0,1,2`` or ``0:9:10``); a malformed one is an error naming the flag."""
+    from .sweep import parse_values
+
+    try:
+        values = parse_values(text)
+    except ValueError as e:
+        raise ValueError(f"--seed: {e}") from None
+    return seeds(values)
+
+
 def guidance(text: str) -> float:
     """argparse type: a finite classifier-free guidance scale >= 0 (<= 1 turns guidance off)."""
     try:

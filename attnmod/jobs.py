@@ -8,16 +8,16 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 
 from . import guards
-from .loading import DEFAULT_MODEL, model_fingerprint, model_reference
+from .loading import DEFAULT_MODEL, EMBEDDED, model_fingerprint, model_reference
 from .recipe import Recipe
 from .schedule import Schedule
 from .sweep import Sweep, parse_values
 
 
 def model_prompt(model: str | None, prompt: str) -> str:
-    """``prompt`` as ``model`` reads it: the embedded model reads its training grammar only (a trailing full
-    stop is dropped; other word orders or words are a ValueError); other models take any text."""
-    if (model or DEFAULT_MODEL) != DEFAULT_MODEL or not prompt:
+    """``prompt`` as ``model`` reads it: the embedded models (``toy``, ``toy-layout``) read their training grammar
+    only (a trailing full stop is dropped; other word orders or words are a ValueError); others take any text."""
+    if (model or DEFAULT_MODEL) not in EMBEDDED or not prompt:
         return prompt
     from .toy.dataset import parse_caption
 
@@ -75,7 +75,7 @@ def scan_sweep(prompts: Sequence[str], *, seed: str = "0", blocks: Sequence[str]
             raise ValueError(f"--pair expects two blocks A,B, got {pair!r}")
         blocks = [a, b, f"{a}+{b}"]
     return Sweep(
-        prompts=tuple(prompts), seeds=tuple(guards.seeds(parse_values(seed))), blocks=tuple(blocks),
+        prompts=tuple(prompts), seeds=tuple(guards.seed_values(seed)), blocks=tuple(blocks),
         starts=tuple(kw.get("starts", (1.0,))), rates=tuple(kw.get("rates", (0.0,))),
         accels=tuple(parse_values(accel)), settings=kw.get("settings"),
         encoder_weights=tuple(tuple(parse_values(w)) for w in encoder_weights), x=x, y=y,

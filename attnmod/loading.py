@@ -99,16 +99,21 @@ def checkpoint_kind(path: Path) -> str:
 
 @contextmanager
 def _quiet_loading():
-    """diffusers/transformers show loading bars by default; the library does not print."""
+    """diffusers/transformers show loading bars by default, and transformers warns on the first import of
+    diffusers' pipelines that its image processors would like torchvision (not a dependency: attnmod loads no
+    image processor); the library does not print."""
     from diffusers.utils import logging as dlog
     from transformers.utils import logging as tlog
 
     states = [(lib, lib.is_progress_bar_enabled()) for lib in (dlog, tlog)]
+    verbosity = tlog.get_verbosity()
     for lib, _ in states:
         lib.disable_progress_bar()
+    tlog.set_verbosity_error()
     try:
         yield
     finally:
+        tlog.set_verbosity(verbosity)
         for lib, was_enabled in states:
             if was_enabled:
                 lib.enable_progress_bar()
@@ -137,7 +142,8 @@ def _load_pipeline(model, device, dtype, scheduler, config):
     import diffusers
     from diffusers import DiffusionPipeline
 
-    from . import tiny, tiny_dit
+    from . import tiny
+    from .dit import tiny as tiny_dit
 
     device, dtype = best_device(device, dtype)
     model = model or DEFAULT_MODEL

@@ -263,16 +263,16 @@ def to_pil(image: np.ndarray) -> Image.Image:
 
 
 def save_png(image: np.ndarray | Image.Image, path: str | Path, recipe: Recipe,
-             short_names: dict[str, str] | None = None, extra: dict | None = None) -> Path:
+             short_names: dict[str, str] | None = None, extra: dict | None = None, compress_level: int = 6) -> Path:
     """Write ``image`` with its recipe (and ``extra`` JSON text chunks), atomically: a crash leaves
-    the old file or none, never half a file."""
+    the old file or none, never half a file. ``compress_level``: zlib 0-9 (lossless; 6 is Pillow's default)."""
     pil = image if isinstance(image, Image.Image) else to_pil(image)
     info = PngImagePlugin.PngInfo()
     info.add_text("parameters", recipe.a1111_parameters(short_names))
     info.add_text("attnmod", json.dumps(recipe.to_dict()))
     for key, value in (extra or {}).items():
         info.add_text(key, json.dumps(value))
-    return atomic_write(path, lambda f: pil.save(f, format="PNG", pnginfo=info))
+    return atomic_write(path, lambda f: pil.save(f, format="PNG", pnginfo=info, compress_level=compress_level))
 
 
 def atomic_write(path: str | Path, write) -> Path:

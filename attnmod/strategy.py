@@ -14,16 +14,19 @@ the image exactly without searching again.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from .blocks import resolve_blocks
 from .dit import denoiser
-from .generate import finite, render
+from .generate import NonFiniteImageError, describe, finite, render
 from .modify import denoiser_input, is_extra_call, modify
-from .recipe import Recipe
+from .recipe import Recipe, png_text, save_png, write_json
 from .schedule import Schedule
 
 Picker = Callable[[torch.Tensor, Sequence[str], int], int]  # (deltas (K,), candidates, step) -> index
@@ -144,5 +147,86 @@ def run_strategy(pipe, base: Recipe, *, blocks: str | list[str] = "all", picker:
     mods = {name: Schedule(values=tuple(float(i >= first.get(name, n)) for i in range(n))) for name in names}
     recipe = base.with_mods(mods)
     if not finite(image[None])[0]:
-        raise ValueError("the strategy's image came out non-finite (NaN/inf)")
+        raise NonFiniteImageError(f"the strategy's image came out non-finite (NaN/inf) for {describe(recipe)}")
     return StrategyResult(image, recipe, strategy.order)
+
+
+def _strategy_batch(pipe, recipes: Sequence[Recipe], blocks, picker, candidate_batch) -> list[StrategyResult]:
+    """``run_strategy`` for each recipe: the work an executor runs on one batch (see ``run_strategies``)."""
+    return [run_strategy(pipe, r, blocks=blocks, picker=picker, candidate_batch=candidate_batch) for r in recipes]
+
+
+def strategy_file(index: int, base: Recipe) -> str:
+    """The file name of the ``index``-th strategy of a folder written by ``run_strategies``."""
+    return f"{index:03d}-seed{base.seed}.png"
+
+
+def run_strategies(pipe, bases: Sequence[Recipe], *, blocks: str | list[str] = "all", picker: str | Picker = "most",
+                   candidate_batch: int | None = None, out: str | Path | None = None, executor=None,
+                   progress: Callable[[int, int], None] | None = None) -> list[StrategyResult]:
+    """``run_strategy`` for each of ``bases`` (e.g. prompts × seeds): independent images, so ``executor`` (as in
+    ``sweep.run_scan``: ``None`` here, ``attnmod.distributed.RayExecutor`` on Ray workers) runs them one per batch.
+
+    With ``out`` (locked for the run, as a scan's folder), this process writes ``out/<strategy_file>`` per image
+    (the recipe that remakes it, and an ``attnmod_strategy`` chunk: blocks, picker, the base recipe and the block
+    order) as each finishes, then ``out/strategies.json``; an image already there for the same base, blocks and
+    picker is kept, not searched again (an interrupted run resumes). ``progress(done, total)`` after each image.
+    """
+    get_picker(picker)
+    if not bases:
+        raise ValueError("run_strategies needs at least one recipe")
+    if not resolve_blocks(pipe, blocks):
+        raise ValueError("a strategy needs at least one block")
+    from .blocks import list_blocks
+    from .lock import folder_lock
+    from .sweep import LocalExecutor
+
+    short = {b.name: b.short for b in list_blocks(pipe)}
+    label = picker if isinstance(picker, str) else getattr(picker, "__name__", "custom")
+    chunks = [{"blocks": blocks, "picker": label, "base": b.with_mods({}).to_dict()} for b in bases]
+    out = Path(out) if out is not None else None
+    with folder_lock(out) if out is not None else nullcontext():
+        results: list[StrategyResult | None] = [None] * len(bases)
+        if out is not None:
+            for i, base in enumerate(bases):
+                results[i] = _finished(out / strategy_file(i, base), chunks[i], short)
+        pending = [i for i, r in enumerate(results) if r is None]
+        work = partial(_strategy_batch, blocks=blocks, picker=picker, candidate_batch=candidate_batch)
+        done = len(bases) - len(pending)
+        for index, (result,) in (executor or LocalExecutor()).map(pipe, [[bases[i]] for i in pending], work):
+            i = pending[index]
+            results[i] = result
+            if out is not None:
+                order = [short.get(n, n) if n else None for n in result.order]
+                save_png(result.image, out / strategy_file(i, bases[i]), result.recipe, short,
+                         extra={"attnmod_strategy": {**chunks[i], "order": order}})
+            done += 1
+            if progress is not None:
+                progress(done, len(bases))
+        if out is not None:
+            write_json(out / "strategies.json", {"blocks": blocks, "picker": label, "images": [
+                {"file": strategy_file(i, b), "prompt": b.prompt, "seed": b.seed,
+                 "order": [short.get(n, n) if n else None for n in r.order]}
+                for i, (b, r) in enumerate(zip(bases, results, strict=True))]})
+    return results
+
+
+def _finished(path: Path, chunk: dict, short: dict[str, str]) -> StrategyResult | None:
+    """The result already at ``path`` when its ``attnmod_strategy`` chunk is the same job; else None."""
+    import json
+
+    from PIL import Image
+
+    if not path.is_file():
+        return None
+    try:
+        info = json.loads((png_text(path) or {}).get("attnmod_strategy", "null"))
+        if not isinstance(info, dict) or {k: info.get(k) for k in chunk} != json.loads(json.dumps(chunk)):
+            return None
+        names = {s: n for n, s in short.items()}
+        order = [names.get(s, s) if s else None for s in info["order"]]
+        with Image.open(path) as im:
+            image = np.asarray(im.convert("RGB"), dtype=np.float32) / 255
+        return StrategyResult(image, Recipe.from_png(path), order)
+    except Exception:  # unreadable, truncated or foreign: search it again (the file is replaced atomically)
+        return None

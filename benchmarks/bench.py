@@ -131,7 +131,7 @@ def dit_architecture(config: str, device, dtype, depth: int | None = None):
         T5EncoderModel,
     )
 
-    from attnmod.tiny_dit import t5_tokenizer
+    from attnmod.dit.tiny import t5_tokenizer
 
     net, full = shared_weight_transformer(config, depth)
     tok = _tokenizer()

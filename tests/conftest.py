@@ -52,13 +52,13 @@ def hook_count(unet) -> int:
 
 @pytest.fixture(scope="session")
 def sd3():
-    from attnmod.tiny_dit import tiny_sd3
+    from attnmod.dit.tiny import tiny_sd3
 
     return tiny_sd3()
 
 
 @pytest.fixture(scope="session")
 def flux():
-    from attnmod.tiny_dit import tiny_flux
+    from attnmod.dit.tiny import tiny_flux
 
     return tiny_flux()

@@ -1,5 +1,7 @@
 import json
+import os
 import shutil
+import sys
 
 import pytest
 from PIL import Image
@@ -128,3 +130,23 @@ def test_unknown_words_for_the_embedded_model_list_its_vocabulary(tmp_path, caps
     err = capsys.readouterr().err
     assert code == 2 and "does not know: zebra" in err and "vocabulary" in err
     assert not (tmp_path / "z.png").exists()
+
+
+def test_loading_the_embedded_model_prints_nothing_in_a_fresh_process():
+    """The library, used from Python: no loading bars, no warning about torchvision (not a dependency)."""
+    import subprocess
+
+    code = "from attnmod.loading import load_pipeline; load_pipeline(None)"
+    env = {k: v for k, v in os.environ.items() if k != "TRANSFORMERS_VERBOSITY"}  # conftest sets it; users don't
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == "" and proc.stderr == ""
+
+
+@pytest.mark.parametrize("command", ["scan", "influence", "strategy"])
+def test_ray_workers_without_ray_is_an_error_not_ignored(command, tmp_path, capsys):
+    out = tmp_path / ("o.png" if command == "strategy" else "o")
+    argv = [command, "--model", "tiny", "--prompt", "a red cat", "--ray-workers", "2", "--out", str(out)]
+    assert main(argv) == 2
+    assert "--ray-workers needs --ray" in capsys.readouterr().err
+    assert not out.exists()

@@ -6,7 +6,7 @@ import torch
 from conftest import hook_count, run
 
 from attnmod.attention import joint_query_key
-from attnmod.dit_maps import t5_pieces, trace
+from attnmod.dit.maps import t5_pieces, trace
 from attnmod.segment import self_segmentation
 
 

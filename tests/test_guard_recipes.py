@@ -235,11 +235,11 @@ def test_a_tile_write_failure_stops_the_scan_with_a_truthful_manifest(sd, tmp_pa
     real_save = scan_mod.save_png
     calls = []
 
-    def save_then_fill_the_disk(image, path, recipe, short):
+    def save_then_fill_the_disk(image, path, recipe, short, **kw):
         calls.append(path)
         if len(calls) == 2:
             return atomic_write(path, _disk_full)
-        return real_save(image, path, recipe, short)
+        return real_save(image, path, recipe, short, **kw)
 
     monkeypatch.setattr(scan_mod, "save_png", save_then_fill_the_disk)
     with pytest.raises(OSError) as e:
@@ -254,6 +254,37 @@ def test_a_tile_write_failure_stops_the_scan_with_a_truthful_manifest(sd, tmp_pa
     assert again.pending_count == 1 and (tmp_path / LOCK_NAME).exists()
     manifest = json.loads((tmp_path / "manifest.json").read_text())
     assert manifest["sheets"] == ["grid.png"] and all(t["status"] == "done" for t in manifest["tiles"])
+
+
+def test_the_manifest_of_a_long_scan_takes_at_most_a_tenth_of_the_drivers_time(tmp_path, monkeypatch):
+    clock, writes = [100.0], []
+    monkeypatch.setattr(scan_mod.time, "monotonic", lambda: clock[0])
+
+    def write_manifest(path, result, base):
+        writes.append(clock[0])
+        clock[0] += 0.5  # a manifest of many thousand tiles: half a second per write
+
+    monkeypatch.setattr(scan_mod, "write_manifest", write_manifest)
+    manifest = scan_mod._Manifest(tmp_path / "manifest.json", None, BASE)
+    for _ in range(20):  # a batch finishes every second
+        manifest.maybe_write()
+        clock[0] += 1.0
+    assert writes == [100.0, 105.5, 111.0, 116.5]  # the first batch, then once 10 x 0.5 s passed since the last
+    manifest.write()  # at the end (and on an error) always
+    assert len(writes) == 5
+
+
+def test_png_compression_changes_the_bytes_not_the_pixels_or_the_recipe(sd, tmp_path):
+    sweep = Sweep(prompts=("a red cat",), starts=(-5.0,), rates=(0.0,))
+    fast = run_scan(sd, sweep, BASE, out=tmp_path / "fast", png_compression=1, progress=False)
+    small = run_scan(sd, sweep, BASE, out=tmp_path / "small", progress=False)
+    for a, b in zip(fast.tiles, small.tiles, strict=True):
+        assert a.path.name == b.path.name and a.path.read_bytes() != b.path.read_bytes()
+        assert np.array_equal(np.asarray(Image.open(a.path)), np.asarray(Image.open(b.path)))
+        assert Recipe.from_png(a.path) == Recipe.from_png(b.path)
+    with pytest.raises(ValueError, match="zlib level 0-9"):
+        run_scan(sd, sweep, BASE, out=tmp_path / "bad", png_compression=10, progress=False)
+    assert not (tmp_path / "bad").exists()
 
 
 # --- the output folder lock -------------------------------------------------------------------------

@@ -50,6 +50,8 @@ def test_scan_sweep_reads_the_cli_options_and_names_the_bad_one():
         scan_sweep(["p"], start="1:2")
     with pytest.raises(ValueError, match="--seed values must be whole numbers"):
         scan_sweep(["p"], seed="0:1:3")
+    with pytest.raises(ValueError, match="^--seed: malformed range 'a'"):
+        scan_sweep(["p"], seed="a")
 
 
 def test_on_tiles_reports_each_batch_then_resumed_tiles(sd, tmp_path):
@@ -144,3 +146,20 @@ def test_the_page_session_and_scan_form_work_on_a_dit_model(sd3, tmp_path):
         assert view is None and "a UNet block name" in errors["blocks"]
     finally:
         session.queue.close()
+
+
+@pytest.mark.parametrize("model", ["toy", "toy-layout", None])
+def test_both_embedded_models_read_their_grammar_only_and_others_any_text(model):
+    from attnmod.jobs import model_prompt
+
+    assert model_prompt(model, "a large red star in the center, on a striped blue background, flat style.") == \
+        "a large red star in the center, on a striped blue background, flat style"
+    with pytest.raises(ValueError):
+        model_prompt(model, "a photo of a dog")
+    assert model_prompt("tiny", "a photo of a dog.") == "a photo of a dog."
+
+
+def test_the_page_starts_both_embedded_models_on_the_readme_block(tmp_path):
+    from attnmod.ui.session import Session
+
+    assert Session.load("toy-layout", tmp_path).default_block == "U2A2A2"  # the same architecture as toy

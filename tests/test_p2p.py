@@ -35,18 +35,22 @@ def test_hook_replaces_aligned_cross_maps_and_self_maps_in_the_window(sd):
     p2p.start(4)  # cross: int(0.5 * 5) = 2 steps; self: int(0.25 * 4) = 1 step
     probs = torch.rand(4, 2, 16, 16)  # (uncond src, uncond edit, cond src, cond edit), h, Nq, tokens
     sd._guidance_scale = 5.0  # as inside a CFG pipeline call
-    p2p.clock.step = 1
+    p2p.set_step(1)
     out = p2p(AttentionCall("x", True, 2, (4, 16, 32)), probs)
     assert torch.equal(out[:3], probs[:3])  # unconditional half and the source untouched
     assert torch.equal(out[3, ..., :4], probs[2, ..., :4])  # start, a, red, cat: the source's maps
     assert torch.equal(out[3, ..., 4:7], probs[3, ..., 4:7])  # with, a, dog: added words keep theirs
-    p2p.clock.step = 2  # past int(0.5 * (4 + 1)) = 2 steps: no cross replacement
+    p2p.set_step(2)  # past int(0.5 * (4 + 1)) = 2 steps: no cross replacement
     assert torch.equal(p2p(AttentionCall("x", True, 2, (4, 16, 32)), probs)[3], probs[3])
     self_probs = torch.rand(4, 2, 16, 16)
-    p2p.clock.step = 0
+    p2p.set_step(0)
     assert torch.equal(p2p(AttentionCall("x", False, 2, (4, 16, 32)), self_probs)[3], self_probs[2])
-    p2p.clock.step = 1  # past int(0.25 * 4) = 1 step
-    assert p2p(AttentionCall("x", False, 2, (4, 16, 32)), self_probs) is None
+    p2p.set_step(1)  # past int(0.25 * 4) = 1 step: the edit's own maps
+    assert torch.equal(p2p(AttentionCall("x", False, 2, (4, 16, 32)), self_probs)[3], self_probs[3])
+    assert p2p.wants(AttentionCall("x", False, 2, (4, 16, 32)))  # a layer it replaces: asked at every step
+    assert not p2p.wants(AttentionCall("x", False, 2, (4, 1024, 32)))  # above self_max_patches: never
+    p2p.start(2)  # int(0.25 * 2) = 0 steps: self-attention never replaced, the fused kernel runs
+    assert not p2p.wants(AttentionCall("x", False, 2, (4, 16, 32)))
 
 
 def test_token_mapping():
@@ -80,8 +84,8 @@ def test_hook_windows_at_six_steps(sd):
     probs = torch.rand(4, 2, 16, 16)
     replaced = []
     for step in range(6):
-        p2p.clock.step = step
-        replaced.append((torch.equal(p2p(cross, probs)[3], probs[2]), p2p(self_, probs) is not None))
+        p2p.set_step(step)
+        replaced.append((torch.equal(p2p(cross, probs)[3], probs[2]), torch.equal(p2p(self_, probs)[3], probs[2])))
     assert [c for c, _ in replaced] == [True] * 5 + [False]
     assert [s for _, s in replaced] == [True, True, False, False, False, False]
 
@@ -92,7 +96,7 @@ def test_self_maps_are_replaced_only_in_layers_of_at_most_16x16_patches(sd):
         options = EditOptions(0.8, 0.4) if limit is None else EditOptions(0.8, 0.4, self_max_patches=limit)
         p2p = PromptToPrompt(sd, "a red cat", "a blue cat", options, "swap")
         p2p.start(4)
-        p2p.clock.step = 0
+        p2p.set_step(0)
         got = [p2p.wants(AttentionCall("x", False, 2, (4, n, 32))) for n in (16 * 16, 32 * 32)]
         assert got == replaced, (limit, got)
 
@@ -106,9 +110,9 @@ def test_reweighting_acts_only_inside_the_cross_replace_window(sd):
         p2p.start(4)  # window: int(0.5 * 5) = 2 steps
         w = torch.ones(16)
         w[2] = 2.0
-        p2p.clock.step = 0  # inside: the source's maps times the equalizer (both rules)
+        p2p.set_step(0)  # inside: the source's maps times the equalizer (both rules)
         assert torch.allclose(p2p(call, probs)[3], probs[2] * w)
-        p2p.clock.step = 3  # outside: the reference leaves the edit's own maps; the named departure re-weights them
+        p2p.set_step(3)  # outside: the reference leaves the edit's own maps; the named departure re-weights them
         assert torch.allclose(p2p(call, probs)[3], probs[3] * w if every_step else probs[3])
 
 
@@ -156,11 +160,11 @@ def test_local_blend_accumulates_the_edits_replaced_maps_over_steps(sd):
     p2p.latent_hw = (16, 16)
     layer = sorted(p2p.blend_layers)[0]
     call, probs = AttentionCall(layer, True, 2, (4, 16, 32)), torch.rand(4, 2, 16, 16)  # 4x4 patches
-    p2p.clock.step = 0  # in the window: the edit's "dog" map is the source's "cat" map
+    p2p.set_step(0)  # in the window: the edit's "dog" map is the source's "cat" map
     p2p(call, probs)
     assert torch.allclose(p2p.blend_maps[1], p2p.blend_maps[0])
     first = p2p.blend_maps.clone()
-    p2p.clock.step = 3  # out of the window: the edit's own map, added to what the steps so far gave
+    p2p.set_step(3)  # out of the window: the edit's own map, added to what the steps so far gave
     p2p(call, probs)
     assert torch.allclose(p2p.blend_maps[0], 2 * first[0])
     assert torch.allclose(p2p.blend_maps[1], first[1] + probs[3, ..., 3].sum(0).view(4, 4))

@@ -89,3 +89,21 @@ def test_bad_strategy_input(sd):
     foreign = BASE.with_mods({"up_blocks.9.attentions.0.transformer_blocks.0.attn2": Schedule(2.0)})
     with pytest.raises(ValueError, match="unknown attention block"):
         generate(sd, foreign)  # a recipe from a model with other blocks
+
+
+def test_a_non_finite_strategy_image_names_its_recipe_and_keeps_the_images_before_it(sd, tmp_path, monkeypatch):
+    import attnmod.strategy as strategy_mod
+    from attnmod.generate import NonFiniteImageError
+    from attnmod.strategy import run_strategies
+
+    real_render = strategy_mod.render
+
+    def nan_for_seed_1(pipe, recipes):
+        images = real_render(pipe, recipes)
+        return images * np.nan if recipes[0].seed == 1 else images
+
+    monkeypatch.setattr(strategy_mod, "render", nan_for_seed_1)
+    bases = [Recipe("a red cat", seed=s, steps=2, guidance=5.0, width=32, height=32, model="tiny") for s in (0, 1)]
+    with pytest.raises(NonFiniteImageError, match="seed 1, .*prompt 'a red cat'"):
+        run_strategies(sd, bases, blocks="M0*", out=tmp_path)
+    assert sorted(p.name for p in tmp_path.glob("*.png")) == ["000-seed0.png"]  # kept: a re-run resumes there

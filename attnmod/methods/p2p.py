@@ -149,7 +149,12 @@ class PromptToPrompt:
                     raise ValueError(f"cross_replace_steps names {word!r}, which is not in the edited prompt "
                                      f"(its words are: {target_words()})")
         self.num_steps = self.self_steps = 0
+        self.replaces_self = False
+        # per-loop and per-step values the attention reads as tensors, written in place (a compiled UNet reads the
+        # same tensors every call: no recompilation per step or per edit)
         self.cross_steps = torch.zeros(n, dtype=torch.long)
+        self.self_until = torch.zeros((), dtype=torch.long)  # self-attention replaced while step < this
+        self.step = torch.zeros((), dtype=torch.long)
         self.blend_tokens = torch.zeros(2, n)  # (source, edit) x token: 1 for the blend words' tokens
         for word in options.local_blend:
             in_src, in_tgt = word_positions(source_pieces, word), word_positions(self.pieces, word)
@@ -183,22 +188,29 @@ class PromptToPrompt:
     def start(self, steps: int) -> None:
         """A new sampling loop of ``steps`` steps: compile the per-token replace windows, clear the blend maps."""
         self.num_steps = steps
-        self.cross_steps = torch.tensor([cross_replace_count(f, steps) for f in self.cross_limit().tolist()])
+        self.cross_steps.copy_(torch.tensor([cross_replace_count(f, steps) for f in self.cross_limit().tolist()]))
         self.self_steps = self_replace_count(self.options.self_replace_steps, steps)
+        self.self_until.fill_(self.self_steps)
+        self.replaces_self = self.self_steps > 0  # a bool: a compiled graph guards on it, not on the count
         self.blend_maps, self.blend_share = None, []
 
+    @torch.compiler.disable  # host-side bookkeeping: never traced into a compiled UNet
     def on_unet(self, module, args, kwargs):
         sample = args[0] if args else kwargs["sample"]
         self.latent_hw = tuple(sample.shape[-2:])
         if self.clock.tick():
             self.start(len(self.pipe.scheduler.timesteps))
+        self.set_step(self.clock.step)
 
-    def _replaces_self(self, call: AttentionCall) -> bool:
-        return self.clock.step < self.self_steps and call.query_shape[1] <= self.options.self_max_patches
+    def set_step(self, step: int) -> None:
+        """The denoising step the next attention calls belong to (written in place: see ``__init__``)."""
+        self.step.fill_(step)
 
     def wants(self, call: AttentionCall) -> bool:
-        """Cross-attention always; self-attention only while it is replaced (else the fused kernel runs)."""
-        return call.is_cross or self._replaces_self(call)
+        """Cross-attention always; self-attention in the layers it replaces (at most ``self_max_patches``
+        queries, as the reference) when it replaces any step, else the fused kernel runs. The step is not asked
+        here: the choice inside the window is a tensor (``__call__``), so a compiled UNet keeps one graph."""
+        return call.is_cross or (self.replaces_self and call.query_shape[1] <= self.options.self_max_patches)
 
     def __call__(self, call: AttentionCall, probs: torch.Tensor) -> torch.Tensor | None:
         cfg = getattr(self.pipe, "do_classifier_free_guidance", False)
@@ -211,10 +223,8 @@ class PromptToPrompt:
             new = self._edit_cross(src, edit)
             if call.name in self.blend_layers:
                 self._collect_blend(src, new)
-        elif self._replaces_self(call):
-            new = src
-        else:
-            return None
+        else:  # self-attention: the source's maps inside the window, the edit's own after it
+            new = torch.where(self.step.to(src.device) < self.self_until.to(src.device), src, edit)
         out = probs.clone()
         out[half + 1] = new
         return out
@@ -222,7 +232,7 @@ class PromptToPrompt:
     def _edit_cross(self, src: torch.Tensor, edit: torch.Tensor) -> torch.Tensor:
         """The edit's cross maps (h, Nq, tokens) at this step."""
         like = dict(device=src.device, dtype=src.dtype)
-        in_window = (self.clock.step < self.cross_steps).to(**like)  # (tokens,) 1: the source's map this step
+        in_window = (self.step < self.cross_steps).to(**like)  # (tokens,) 1: the source's map this step
         aligned = self.aligned.to(**like)
         replaced = src[..., self.index.to(src.device)] * aligned + edit * (1 - aligned)  # replace_cross_attention
         weights = self.weights.to(**like)

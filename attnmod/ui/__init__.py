@@ -21,15 +21,18 @@ def require_gradio():
     return gradio
 
 
-def create(model: str | None = None, out_dir: str | Path = "attnmod-ui", device=None, dtype=None, **speed):
+def create(model: str | None = None, out_dir: str | Path = "attnmod-ui", device=None, dtype=None, executor=None,
+           **speed):
     """(page, session): the Gradio Blocks for ``model`` and the session holding its pipeline and job queue.
 
-    ``speed``: ``compile``, ``offload``, ``vae_tiling`` for ``load_pipeline``."""
+    ``speed``: ``compile``, ``offload``, ``vae_tiling`` for ``load_pipeline``. ``executor``: renders the page's
+    scans, influence maps and strategies (``attnmod.distributed.RayExecutor``; None: here)."""
     require_gradio()
     from .app import build_app
     from .session import Session
 
     session = Session.load(model, out_dir, device=device, dtype=dtype, **speed)
+    session.executor = executor
     return build_app(session), session
 
 

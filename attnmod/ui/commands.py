@@ -26,9 +26,11 @@ def parse(argv: list[str]) -> SimpleNamespace:
         raise CommandError(last.split(": error: ", 1)[-1]) from None
 
 
-def run(args, pipe) -> tuple[str, str]:
-    """Run the parsed command on ``pipe``; (stdout, stderr). Its errors are raised as CommandError."""
-    args.pipeline, args.quiet = pipe, True
+def run(args, pipe, executor=None) -> tuple[str, str]:
+    """Run the parsed command on ``pipe``; (stdout, stderr). Its errors are raised as CommandError. ``executor``
+    (the page's ``--ray``) renders what the command would render with ``--ray`` (influence, strategy); it stays
+    open for the next command."""
+    args.pipeline, args.quiet, args.executor = pipe, True, executor
     out, err = io.StringIO(), io.StringIO()
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):

@@ -211,7 +211,7 @@ def _wire(session, ui, scan, tabs) -> None:
             yield updates({field_for(str(e), flags) or "general": str(e)})
             return
         job = session.queue.submit(m.command, request.session_hash if request else "",
-                                   lambda job: commands.run(parsed, session.pipe))
+                                   lambda job: commands.run(parsed, session.pipe, session.executor))
         while not job.finished:
             job.drain(0.25)
             yield updates(status=f"{session.queue.describe()} · {job.unet_calls} UNet calls")

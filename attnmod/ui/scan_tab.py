@@ -12,10 +12,12 @@ import gradio as gr
 from .. import guards
 from ..blocks import resolve_blocks
 from ..jobs import base_recipe, finer_range, mod_texts, scan_sweep, scan_title
+from ..loading import EMBEDDED
 from ..recipe import Recipe
 from ..schedule import Schedule
 from ..sweep import check_scan, parse_values, run_scan
 from .forms import check_fields, common_checks, error_text, one_line, optional
+from .jobs import JobCancelled
 from .scan_view import ScanView, scan_command
 
 FIELDS = ("prompt", "negative", "seed", "steps", "guidance", "size", "blocks", "start", "rate", "settings", "folder")
@@ -28,7 +30,7 @@ def _error_box(name: str) -> gr.Markdown:
 
 def build(session) -> SimpleNamespace:
     ui = SimpleNamespace(errors={})
-    toy = session.model == "toy"
+    toy = session.model in EMBEDDED  # the embedded models: their example prompt and seed
     with gr.Row():
         with gr.Column(scale=2):
             ui.prompt = gr.Textbox(label="prompt", value=EXAMPLE if toy else "", elem_id="scan-prompt", lines=2)
@@ -192,9 +194,11 @@ def wire(session, ui, stack) -> None:
         def work(job):
             def on_tiles(tiles):
                 job.post([(t.recipe.key, t.status) for t in tiles])
+                if job.cancel.is_set():  # on Ray workers the UNet hook never fires here: stop between batches
+                    raise JobCancelled()
 
             return run_scan(session.pipe, view.sweep, view.base, out=view.folder, progress=False, title=title,
-                            on_tiles=on_tiles)
+                            on_tiles=on_tiles, executor=session.executor)
 
         job = session.queue.submit("scan", request.session_hash if request else "", work)
         ahead = session.queue.ahead_of(job)

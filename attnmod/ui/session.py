@@ -9,7 +9,7 @@ from pathlib import Path
 from ..blocks import downsampling, list_blocks
 from ..defaults import model_defaults
 from ..dit import default_block, denoiser, is_dit
-from ..loading import DEFAULT_MODEL, load_pipeline
+from ..loading import DEFAULT_MODEL, EMBEDDED, load_pipeline
 from .jobs import JobQueue
 
 
@@ -20,6 +20,7 @@ class Session:
     out_dir: Path
     queue: JobQueue = field(init=False)
     ranks: dict[str, int] = field(default_factory=dict)  # short block name -> influence rank, once computed
+    executor: object | None = None  # attnmod ui --ray: a RayExecutor the scans (and influence, strategy) share
     _numbers: itertools.count = field(default_factory=lambda: itertools.count(1))
 
     def __post_init__(self):
@@ -45,7 +46,7 @@ class Session:
     @property
     def default_block(self) -> str:
         """The block the scan tab starts with: the embedded model's most telling one (README), else the paper's."""
-        if self.model == DEFAULT_MODEL and "U2A2A2" in self.resolution:
+        if self.model in EMBEDDED and "U2A2A2" in self.resolution:
             return "U2A2A2"
         return default_block(self.pipe)  # U1A1A2, or a DiT model's middle joint block
 

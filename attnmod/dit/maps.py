@@ -1,6 +1,6 @@
 """Attention maps on DiT models (SD3 / SD3.5, FLUX): the image-query rows of the joint attention.
 
-    with attnmod.dit_maps.trace(pipe) as tc:
+    with attnmod.dit.maps.trace(pipe) as tc:
         image = pipe(prompt).images[0]
     maps = tc.result(prompt)  # an ``AttentionMaps``: word_map, overlay, self_attention_pca, segmentation
 
@@ -19,12 +19,12 @@ from __future__ import annotations
 
 import torch
 
-from .attention import attention_probs, joint_query_key
-from .blocks import resolve_blocks
-from .dit import denoiser, split_name
-from .maps import AttentionMaps
-from .modify import denoiser_input
-from .steps import LoopClock
+from ..attention import attention_probs, joint_query_key
+from ..blocks import resolve_blocks
+from ..maps import AttentionMaps
+from ..modify import denoiser_input
+from ..steps import LoopClock
+from . import denoiser, split_name
 
 
 def t5_pieces(tokens: list[str]) -> list[str]:

@@ -73,7 +73,7 @@ def is_dit(model) -> bool:
 
 def list_dit_blocks(model) -> list:
     """Every stream of every attention module of an SD3 / FLUX transformer, in model order."""
-    from .blocks import Block
+    from ..blocks import Block
 
     net = denoiser(model)
     blocks = []

@@ -19,7 +19,7 @@ from diffusers import (
 )
 from transformers import T5Config, T5EncoderModel
 
-from .tiny import WORDS, _text_encoder, _tokenizer
+from ..tiny import WORDS, _text_encoder, _tokenizer
 
 T5_TOKENS = 32  # FLUX's T5 sequence length in the tiny pipeline (``max_sequence_length`` of its calls)
 
