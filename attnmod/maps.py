@@ -27,7 +27,7 @@ from PIL import Image
 
 from .attention import AttentionCall, explicit_attention, token_grid
 from .blocks import resolve_blocks
-from .steps import LoopClock
+from .steps import EXTRA_CALL, LoopClock
 from .tokenizer import split_words, word_positions
 
 
@@ -132,8 +132,9 @@ class trace:  # noqa: N801 - a context manager used like daam's ``trace``
 
     def _wants(self, call: AttentionCall) -> bool:
         """Probabilities are built only for calls that are kept: active steps, and self-attention only
-        at the chosen resolution (other layers run the fused kernel)."""
-        if not self._active():
+        at the chosen resolution (other layers run the fused kernel). A UNet call made inside a step (an fp16
+        overflow redone in fp32, a strategy's candidates) adds nothing: the step's maps are its loop call's."""
+        if not self._active() or (not torch.compiler.is_compiling() and EXTRA_CALL.get()):
             return False
         if call.is_cross:
             return True

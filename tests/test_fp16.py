@@ -114,3 +114,14 @@ def test_influence_map_reports_the_overflowing_block(p16):
         result = block_influence(p16, BASE, Schedule(OVER), blocks="U1A1*", progress=False)
     assert np.isnan(result.scores["U1A1A2"]) and np.isfinite(result.scores["U1A1A1"])
     assert [t.coords["block"] for t in result.scan.failed] == ["U1A1A2"]
+
+
+def test_word_maps_count_each_step_once_when_a_step_is_redone_in_fp32(p16, monkeypatch):
+    from attnmod.maps import trace
+
+    calls, real = [], trace._on_cross
+    monkeypatch.setattr(trace, "_on_cross", lambda self, call, probs: calls.append(call.name) or real(self, call, probs))
+    with modify(p16, {LOUD: OVER}) as ctl, trace(p16, self_attention=False) as maps:
+        run(p16, steps=2)
+    assert ctl.overflows  # the redo happened
+    assert len(calls) == 2 * len(maps._cross_names)  # 2 steps x every cross layer, not the redone calls' too
