@@ -33,5 +33,5 @@ def scan(pipe, prompt, *, blocks=("U1A1A2",), starts=(1.0,), rates=(0.0,), seeds
 
 
 __all__ = ["AttnMod", "Block", "ModelLoadError", "NonFiniteImageError", "Recipe", "ScanResult", "Schedule",
-           "Sweep", "fp32_fallback", "generate", "list_blocks", "load_pipeline", "modify", "render", "resolve_blocks", "run_scan",
-           "scan", "__version__"]
+           "Sweep", "fp32_fallback", "generate", "list_blocks", "load_pipeline", "modify", "render",
+           "resolve_blocks", "run_scan", "scan", "__version__"]
