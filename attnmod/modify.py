@@ -92,10 +92,8 @@ class AttnMod:
                  fp32_fallback: bool | None = None):
         self.unet = dit.denoiser(target)  # a UNet, or an SD3 / FLUX transformer (``dit``)
         if speed.is_compiled(self.unet) and speed.scale_slots(self.unet) is None:
-            if dit.is_dit(self.unet):
-                raise RuntimeError("AttnMod does not support a compiled SD3 / FLUX transformer yet (it would ignore "
-                                   "AttnMod's hooks); run it uncompiled")
-            raise RuntimeError("this UNet was compiled without attnmod, so it would ignore AttnMod's hooks; "
+            what = "SD3 / FLUX transformer" if dit.is_dit(self.unet) else "UNet"
+            raise RuntimeError(f"this {what} was compiled without attnmod, so it would ignore AttnMod's hooks; "
                                "compile it with attnmod.speed.compile_unet(pipe) instead")
         self._owner = target if hasattr(target, "scheduler") else None
         per_image = [mods] if isinstance(mods, Mapping) else list(mods)

@@ -20,20 +20,29 @@ SLOTS_ATTR = "_attnmod_scale_slots"
 
 
 class ScaleSlots:
-    """Per-block (B, 1, 1) multiplier tensors that compiled scale hooks read; ones unless an AttnMod writes."""
+    """Per-block (B, 1, 1) multiplier tensors that compiled scale hooks read; ones unless an AttnMod writes.
+
+    ``unet`` is a UNet or an SD3 / FLUX transformer: there each block's stream is scaled by ``dit.scale_hooks``
+    (its projection's input, or a single block's rows), reading the same slots."""
 
     def __init__(self, unet, names: list[str]):
+        from . import dit
+
         self.names = list(names)
         self.dtype = unet.dtype
         self._by_batch: dict[tuple[int, torch.device], dict[str, torch.Tensor]] = {}
         self.live: dict[str, torch.Tensor] = {}  # this call's tensors (the ones of its batch size)
         self._outer: list[dict[str, torch.Tensor]] = []  # of the calls around a nested one (a strategy's candidates)
         self.listener = None  # the bound AttnMod's step hook, called from the slots' own pre-hook (no new hook)
+        self.text_tokens = 0  # a DiT call's text length (FLUX single blocks: the rows of the text)
         self._handles = [unet.register_forward_pre_hook(self._on_unet_call, with_kwargs=True),
                          unet.register_forward_hook(self._after_unet_call, always_call=True)]
         for name in self.names:
-            to_out = unet.get_submodule(name).to_out[0]
-            self._handles.append(to_out.register_forward_pre_hook(self._scale_hook(name)))
+            if dit.is_dit(unet):
+                self._handles += dit.scale_hooks(unet, name, self._getter(name), lambda: self.text_tokens)
+            else:
+                to_out = unet.get_submodule(name).to_out[0]
+                self._handles.append(to_out.register_forward_pre_hook(self._scale_hook(name)))
 
     def tensors(self, batch_size: int, device) -> dict[str, torch.Tensor]:
         """The persistent tensors for UNet batches of ``batch_size`` (created as ones)."""
@@ -60,6 +69,8 @@ class ScaleSlots:
         from .modify import denoiser_input
 
         sample = denoiser_input(args, kwargs)
+        context = kwargs.get("encoder_hidden_states")
+        self.text_tokens = context.shape[1] if context is not None else 0
         self._outer.append(self.live)
         self.live = self.tensors(sample.shape[0], sample.device)
         if self.listener is not None:
@@ -68,6 +79,9 @@ class ScaleSlots:
     @torch.compiler.disable
     def _after_unet_call(self, module, args, output):
         self.live = self._outer.pop() if self._outer else {}
+
+    def _getter(self, name: str):
+        return lambda: self.live[name]
 
     def _scale_hook(self, name: str):
         def hook(module, args):
@@ -93,19 +107,21 @@ def is_compiled(module) -> bool:
 
 
 def compile_unet(pipe, mode: str = DEFAULT_COMPILE_MODE, **compile_kwargs) -> None:
-    """Compile ``pipe.unet`` in place (``unet.compile``) with AttnMod's scale slots installed first.
+    """Compile the pipeline's denoiser in place (``unet.compile``; SD3 / FLUX: ``transformer.compile``) with
+    AttnMod's scale slots installed first.
 
     ``mode`` is a ``torch.compile`` mode; ``compile_kwargs`` go to ``torch.compile`` (e.g. ``backend``).
     """
     from .blocks import list_blocks
+    from .dit import denoiser
 
     if mode not in COMPILE_MODES:
         raise ValueError(f"unknown compile mode {mode!r}; choose one of {', '.join(COMPILE_MODES)}")
-    unet = getattr(pipe, "unet", None)
-    if unet is None:
-        raise ValueError("compile_unet needs a UNet pipeline (SD1.5 / SDXL); this one has no unet")
+    unet = denoiser(pipe)
+    if unet is pipe:
+        raise ValueError("compile_unet needs a pipeline with a unet (SD1.5 / SDXL) or a transformer (SD3 / FLUX)")
     if is_compiled(unet):
-        raise ValueError("the UNet is already compiled; compile it once, with attnmod.speed.compile_unet")
+        raise ValueError("the denoiser is already compiled; compile it once, with attnmod.speed.compile_unet")
     # dynamo then guards on module hooks: a method that adds hooks to submodules (StyleAligned's group norms)
     # recompiles instead of silently running a graph traced without them; AttnMod adds none (it is a listener)
     torch._dynamo.config.skip_nnmodule_hook_guards = False
