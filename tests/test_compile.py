@@ -146,25 +146,3 @@ def test_prompt_to_prompt_on_compiled_unet_equals_eager_without_recompiling_per_
     _edit(pipe, BLEND, steps=20)
     assert counter.frame_count == warm
 
-
-@pytest.mark.parametrize("make", ["tiny_sd3", "tiny_flux"])
-def test_attnmod_on_a_compiled_sd3_or_flux_transformer_equals_eager_without_recompiling(make):
-    """The same scale slots on a DiT transformer: every stream's projection input (FLUX single blocks: the rows of
-    the text or the image), ones until an AttnMod writes them in place."""
-    from attnmod.dit import tiny as tiny_dit
-
-    pipe = getattr(tiny_dit, make)()
-    pipe.set_progress_bar_config(disable=True)
-    mods_a, mods_b = {"J*": Schedule(-5, 0.5)}, {"all": Schedule(3, -0.5)}  # FLUX "all" has single blocks
-    ref = {"stock": run(pipe), "a": _mod(pipe, mods_a), "b": _mod(pipe, mods_b), "a5": _mod(pipe, mods_a, steps=5)}
-    counter = CompileCounter()
-    speed.compile_unet(pipe, backend=counter)
-    assert speed.is_compiled(pipe.transformer)
-    assert np.array_equal(run(pipe), ref["stock"])
-    warm = counter.frame_count
-    assert warm >= 1
-    assert np.array_equal(_mod(pipe, mods_a), ref["a"])
-    assert np.array_equal(_mod(pipe, mods_a, steps=5), ref["a5"])
-    assert np.array_equal(_mod(pipe, mods_b), ref["b"])
-    assert np.array_equal(run(pipe), ref["stock"])
-    assert counter.frame_count == warm
