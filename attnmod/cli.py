@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 from PIL import Image
@@ -461,23 +462,22 @@ def _check_ray(args) -> None:
         check_reachable(args.ray or None)
 
 
-def _ray_executor(args, base):
-    """A ``RayExecutor`` for ``--ray`` (one GPU per worker when this run is on CUDA), the web page's own
-    (``attnmod ui --ray``: ``args.executor``), else None."""
+@contextmanager
+def _executor(args, device: str):
+    """The executor a command renders with: the web page's own (``attnmod ui --ray``: ``args.executor``, kept
+    open for its next job), a ``RayExecutor`` for ``--ray`` (one GPU per worker on CUDA; its workers end with the
+    block), else None (here)."""
     if getattr(args, "executor", None) is not None:
-        return args.executor
+        yield args.executor
+        return
     if args.ray is None:
-        return None
+        yield None
+        return
     from .distributed import RayExecutor
 
-    return RayExecutor(address=args.ray or None, workers=args.ray_workers,
-                       gpus_per_worker=1 if base.device.startswith("cuda") else 0)
-
-
-def _close_executor(args, executor) -> None:
-    """End the workers of ``--ray``; the web page's executor stays open for its next job."""
-    if executor is not None and executor is not getattr(args, "executor", None):
-        executor.close()
+    with RayExecutor(address=args.ray or None, workers=args.ray_workers,
+                     gpus_per_worker=1 if device.startswith("cuda") else 0) as executor:
+        yield executor
 
 
 def cmd_scan(args) -> int:
@@ -502,14 +502,11 @@ def cmd_scan(args) -> int:
     print(f"scan: {len(tiles)} tiles ({unique} distinct images) x {base.steps} steps = "
           f"{unique * base.steps} denoising steps; x={x}, y={y}" + (f", sheets by {', '.join(sheets)}" if sheets else ""))
     title = scan_title(sweep, base)
-    executor = _ray_executor(args, base)
-    try:
+    with _executor(args, base.device) as executor:
         result = run_scan(pipe, sweep, base, out=args.out, batch_size=args.batch_size, progress=not args.quiet,
                           png_compression=args.png_compression,
                           tile_px=args.tile_px, title=title, side_by_side=args.side_by_side or bool(args.pair),
                           executor=executor)
-    finally:
-        _close_executor(args, executor)
     print(f"rendered {result.rendered} of {unique} images ({unique - result.pending_count} already done); "
           f"sheets: {', '.join(str(p) for p in result.sheet_files)}")
     if result.failed:
@@ -542,10 +539,9 @@ def cmd_strategy(args) -> int:
     bases = [dc_replace(first, prompt=prompt, seed=seed) for prompt in args.prompt for seed in seeds]
     guards.check_job_size(len(bases), first.steps, first.width, first.height, args.yes)
     short = {b.name: b.short for b in list_blocks(pipe)}
-    executor = _ray_executor(args, first)
     progress = None if args.quiet or not many else (
         lambda done, total: print(f"strategy {done}/{total}", file=sys.stderr))
-    try:
+    with _executor(args, first.device) as executor:
         if many:
             run_strategies(pipe, bases, blocks=args.blocks, picker=args.picker, candidate_batch=args.candidate_batch,
                            out=args.out, executor=executor, progress=progress)
@@ -554,8 +550,6 @@ def cmd_strategy(args) -> int:
             return 0
         [result] = run_strategies(pipe, bases, blocks=args.blocks, picker=args.picker,
                                   candidate_batch=args.candidate_batch, executor=executor)
-    finally:
-        _close_executor(args, executor)
     path = save_png(result.image, args.out, result.recipe, short)
     order = " ".join(short.get(n, "-") if n else "-" for n in result.order)
     print(f"wrote {path}\nblock gaining +1 at each step: {order}")
@@ -574,12 +568,9 @@ def cmd_influence(args) -> int:
     base = _base_recipe(args, pipe, args.prompt, args.seed)
     blocks = resolve_blocks(pipe, args.blocks)
     guards.check_job_size(len(blocks) + 1, base.steps, base.width, base.height, args.yes)
-    executor = _ray_executor(args, base)
-    try:
+    with _executor(args, base.device) as executor:
         result = block_influence(pipe, base, setting, blocks=args.blocks, out=args.out, batch_size=args.batch_size,
                                  progress=not args.quiet, executor=executor)
-    finally:
-        _close_executor(args, executor)
     top = ", ".join(f"{b} {s:.3f}" for b, s in result.ranking()[:5])
     print(f"wrote {args.out}/influence.png; most influential at {setting.to_text()}: {top}")
     return 0
@@ -1029,13 +1020,7 @@ def cmd_ui(args) -> int:
     speed.check_speed(device, args.compile, args.offload)
     guards.check_output_dir(args.out)
     _check_ray(args)
-    executor = None
-    if args.ray is not None:  # the page's scans, influence maps and strategies render on Ray workers
-        from .distributed import RayExecutor
-
-        executor = RayExecutor(address=args.ray or None, workers=args.ray_workers,
-                               gpus_per_worker=1 if device.startswith("cuda") else 0)
-    try:
+    with _executor(args, device) as executor:  # the page's scans, influence maps and strategies, with --ray
         if executor is not None:
             executor.start()  # one-line errors (workers the cluster cannot place, versions) before serving
         demo, session = ui.create(args.model, args.out, device=args.device, dtype=args.dtype, executor=executor,
@@ -1044,9 +1029,6 @@ def cmd_ui(args) -> int:
         print(f"attnmod ui: serving model {session.model} on http://{args.host}:{args.port} (Ctrl-C stops); "
               f"results go to {session.out_dir}{on_ray}", file=sys.stderr)
         ui.launch(demo, session, host=args.host, port=args.port, block=True)
-    finally:
-        if executor is not None:
-            executor.close()
     return 0
 
 

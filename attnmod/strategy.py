@@ -182,6 +182,10 @@ def run_strategies(pipe, bases: Sequence[Recipe], *, blocks: str | list[str] = "
     from .sweep import LocalExecutor
 
     short = {b.name: b.short for b in list_blocks(pipe)}
+
+    def short_order(result: StrategyResult) -> list[str | None]:
+        return [short.get(n, n) if n else None for n in result.order]
+
     label = picker if isinstance(picker, str) else getattr(picker, "__name__", "custom")
     chunks = [{"blocks": blocks, "picker": label, "base": b.with_mods({}).to_dict()} for b in bases]
     out = Path(out) if out is not None else None
@@ -197,16 +201,15 @@ def run_strategies(pipe, bases: Sequence[Recipe], *, blocks: str | list[str] = "
             i = pending[index]
             results[i] = result
             if out is not None:
-                order = [short.get(n, n) if n else None for n in result.order]
                 save_png(result.image, out / strategy_file(i, bases[i]), result.recipe, short,
-                         extra={"attnmod_strategy": {**chunks[i], "order": order}})
+                         extra={"attnmod_strategy": {**chunks[i], "order": short_order(result)}})
             done += 1
             if progress is not None:
                 progress(done, len(bases))
         if out is not None:
             write_json(out / "strategies.json", {"blocks": blocks, "picker": label, "images": [
                 {"file": strategy_file(i, b), "prompt": b.prompt, "seed": b.seed,
-                 "order": [short.get(n, n) if n else None for n in r.order]}
+                 "order": short_order(r)}
                 for i, (b, r) in enumerate(zip(bases, results, strict=True))]})
     return results
 

@@ -185,8 +185,12 @@ class PromptToPrompt:
                 out[word_positions(self.pieces, word)] = float(frac)
         return out
 
-    def start(self, steps: int) -> None:
-        """A new sampling loop of ``steps`` steps: compile the per-token replace windows, clear the blend maps."""
+    def start(self, steps: int, device=None) -> None:
+        """A new sampling loop of ``steps`` steps: compile the per-token replace windows, clear the blend maps.
+        The step and window tensors move to ``device`` (the UNet's) once, not per attention call."""
+        if device is not None and self.step.device != torch.device(device):
+            self.step, self.self_until, self.cross_steps = (t.to(device) for t in (self.step, self.self_until,
+                                                                                  self.cross_steps))
         self.num_steps = steps
         self.cross_steps.copy_(torch.tensor([cross_replace_count(f, steps) for f in self.cross_limit().tolist()]))
         self.self_steps = self_replace_count(self.options.self_replace_steps, steps)
@@ -199,7 +203,7 @@ class PromptToPrompt:
         sample = args[0] if args else kwargs["sample"]
         self.latent_hw = tuple(sample.shape[-2:])
         if self.clock.tick():
-            self.start(len(self.pipe.scheduler.timesteps))
+            self.start(len(self.pipe.scheduler.timesteps), sample.device)
         self.set_step(self.clock.step)
 
     def set_step(self, step: int) -> None:
@@ -224,7 +228,7 @@ class PromptToPrompt:
             if call.name in self.blend_layers:
                 self._collect_blend(src, new)
         else:  # self-attention: the source's maps inside the window, the edit's own after it
-            new = torch.where(self.step.to(src.device) < self.self_until.to(src.device), src, edit)
+            new = torch.where(self.step < self.self_until, src, edit)
         out = probs.clone()
         out[half + 1] = new
         return out
@@ -232,7 +236,7 @@ class PromptToPrompt:
     def _edit_cross(self, src: torch.Tensor, edit: torch.Tensor) -> torch.Tensor:
         """The edit's cross maps (h, Nq, tokens) at this step."""
         like = dict(device=src.device, dtype=src.dtype)
-        in_window = (self.step < self.cross_steps).to(**like)  # (tokens,) 1: the source's map this step
+        in_window = (self.step < self.cross_steps).to(**like)  # on the UNet's device (``start``)  # (tokens,) 1: the source's map this step
         aligned = self.aligned.to(**like)
         replaced = src[..., self.index.to(src.device)] * aligned + edit * (1 - aligned)  # replace_cross_attention
         weights = self.weights.to(**like)
